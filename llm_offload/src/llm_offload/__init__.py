@@ -1,0 +1,3 @@
+"""llm_offload"""
+
+__version__ = "0.1.0"

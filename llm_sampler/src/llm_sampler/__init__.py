@@ -1,0 +1,3 @@
+"""llm_sampler"""
+
+__version__ = "1.0.0"

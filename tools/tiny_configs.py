@@ -1,0 +1,84 @@
+"""Configs of the tiny random models that parity tests build with transformers (`AutoConfig.for_model`).
+
+One entry per family and per feature worth its own model (RoPE scalings, sliding windows, biases ...).
+Keys are fixture names; values are `AutoConfig.for_model` keyword arguments, `model_type` included.
+Each config is small (a few hundred KB of weights) so that CI builds and runs all of them in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_BASE: dict[str, Any] = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def _cfg(model_type: str, **overrides: Any) -> dict[str, Any]:
+    return {"model_type": model_type, **_BASE, **overrides}
+
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": _cfg("llama", rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    "llama-tied": _cfg("llama", tie_word_embeddings=True, num_key_value_heads=4),
+    "llama-mqa-bias": _cfg("llama", num_key_value_heads=1, attention_bias=True, mlp_bias=True),
+    "llama-linear": _cfg("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    "llama-dynamic": _cfg(
+        "llama",
+        max_position_embeddings=32,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    ),
+    "llama-yarn": _cfg(
+        "llama",
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 10000.0,
+        },
+    ),
+    "llama-llama3": _cfg(
+        "llama",
+        rope_parameters={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 500000.0,
+        },
+    ),
+    "mistral": _cfg("mistral", sliding_window=8),
+    "qwen2": _cfg("qwen2", use_sliding_window=False),
+    "qwen3": _cfg("qwen3", head_dim=32),
+    "phi3": _cfg("phi3", num_key_value_heads=4),
+    "phi3-longrope": _cfg(
+        "phi3",
+        num_key_value_heads=4,
+        original_max_position_embeddings=64,
+        rope_parameters={
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.05 * i for i in range(8)],
+            "long_factor": [1.0 + 0.3 * i for i in range(8)],
+            "rope_theta": 10000.0,
+        },
+    ),
+    "gemma3_text": _cfg(
+        "gemma3_text",
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        query_pre_attn_scalar=16,
+        tie_word_embeddings=True,
+    ),
+}
