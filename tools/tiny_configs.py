@@ -75,6 +75,16 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
             "rope_theta": 10000.0,
         },
     ),
+    "qwen2-sliding": _cfg("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2),
+    "gemma3_text-softcap": _cfg(
+        "gemma3_text",
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0,
+    ),
     "gemma3_text": _cfg(
         "gemma3_text",
         head_dim=16,
@@ -84,3 +94,36 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
     ),
 }
+
+# Second wave (issue 6): Falcon, GPT-2, GPT-J, OPT, the MoE families, Llama 4 text. Families whose config
+# names differ from Llama's (n_embd ...) spell their own fields instead of using _BASE.
+_GPT_BASE: dict[str, Any] = dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_MOE = dict(intermediate_size=96)
+
+TINY_CONFIGS.update(
+    {
+        "mixtral": _cfg("mixtral", num_local_experts=8, num_experts_per_tok=2, **_MOE),
+        "mixtral-sliding": _cfg(
+            "mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=8, **_MOE
+        ),
+        "qwen2_moe": _cfg(
+            "qwen2_moe",
+            num_experts=16,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=1,
+            mlp_only_layers=[2],
+            use_sliding_window=False,
+        ),
+        "qwen3_moe": _cfg(
+            "qwen3_moe",
+            head_dim=32,
+            num_experts=16,
+            num_experts_per_tok=4,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,
+        ),
+    }
+)

@@ -1,3 +1,20 @@
-"""llm_sepweight"""
+"""llm_sepweight: per-layer weight directories for LLMs; convert, verify, and load exactly the part a node needs."""
+
+from llm_sepweight.checkpoint import Checkpoint, load
+from llm_sepweight.convert import convert
+from llm_sepweight.part_state_dict import PartStateDict
+from llm_sepweight.spec import PartSpec
+from llm_sepweight.verify import VerifyError, verify
 
 __version__ = "1.0.0"
+
+__all__ = [
+    "Checkpoint",
+    "PartSpec",
+    "PartStateDict",
+    "VerifyError",
+    "__version__",
+    "convert",
+    "load",
+    "verify",
+]

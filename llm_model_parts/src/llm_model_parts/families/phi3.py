@@ -1,0 +1,74 @@
+"""Phi-3 / Phi-4: fused `qkv_proj` and `gate_up_proj`, partial rotary, LongRoPE, optional sliding window."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from llm_model_parts.config import ModelConfig, RopeParameters, explicit_or, standard_rope
+from llm_model_parts.families import Family
+from llm_model_parts.layers.attention import Attention
+from llm_model_parts.layers.block import DecoderLayer
+from llm_model_parts.layers.mlp import FusedGatedMLP
+from llm_model_parts.layers.norm import RMSNorm
+
+
+class Phi3Attention(Attention):
+    """One `qkv_proj` whose output is [q | k | v]."""
+
+    def _make_projections(self, config: ModelConfig, qkv_bias: bool, o_bias: bool) -> None:
+        q_out = self.num_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, q_out + 2 * self.kv_width, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=o_bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * self.head_dim, self.kv_width, self.kv_width], dim=-1
+        )
+        shape_kv = (b, t, self.num_key_value_heads, self.head_dim)
+        return q.view(b, t, self.num_heads, self.head_dim), k.view(shape_kv), v.view(shape_kv)
+
+
+def build_layer(config: ModelConfig, i: int) -> nn.Module:
+    h, eps = config.hidden_size, config.rms_norm_eps
+    attn = Phi3Attention(config, i)
+    mlp = FusedGatedMLP(h, config.intermediate_size, config.hidden_act)
+    return DecoderLayer(attn, mlp, RMSNorm(h, eps=eps), RMSNorm(h, eps=eps))
+
+
+def layer_types(config: Mapping[str, Any]) -> list[str]:
+    kind = "sliding_attention" if config.get("sliding_window") else "full_attention"
+    return explicit_or(config, [kind] * int(config["num_hidden_layers"]))
+
+
+def rope_parameters(config: Mapping[str, Any]) -> dict[str, RopeParameters]:
+    raw = dict(config)
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = raw.get(key)
+        # Phi-3 checkpoints name LongRoPE "su" (and some "yarn"); transformers reads both as longrope.
+        if isinstance(scaling, Mapping) and (scaling.get("rope_type") or scaling.get("type")) in (
+            "su",
+            "yarn",
+        ):
+            raw[key] = {**scaling, "rope_type": "longrope", "type": "longrope"}
+    rope = standard_rope(raw)
+    return {"full_attention": rope, "sliding_attention": rope}
+
+
+FAMILY = Family(
+    model_type="phi3",
+    build_layer=build_layer,
+    defaults={
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "original_max_position_embeddings": 4096,
+        "sliding_window": None,
+    },
+    layer_types=layer_types,
+    rope_parameters=rope_parameters,
+)

@@ -1,0 +1,607 @@
+"""Run a model's parts on several processes or hosts with torch.distributed: a pipeline behind one forward_func.
+
+Rank r holds one part (its spec: `"b 0-10"`, `"10-20"`, `"20-30 e"` ...) with its own KV caches. Rank 0
+drives: `PipelineDriver` is an incremental forward_func (docs/forward_func.md), so llm_sampler generates
+and scores through it as through a local model. Each call splits the batch into micro-batches (rows) and
+long inputs into chunks (positions), runs its own part on each and sends the hidden states on; every
+other rank runs `run_worker`, receiving from rank r-1 and sending to r+1; the last rank sends logits (or
+only the argmax token ids) back to rank 0. Several micro-batches are in flight at once, so during a
+prefill every stage computes while the others do.
+
+Commands (reset, rewind, shutdown) flow down the same path, so they stay ordered with the data. When
+idle, rank 0 sends a heartbeat round the ring every `timeout / 4` seconds; every wait on every rank has
+`timeout`, so a rank that dies or hangs makes all the others fail with a clear error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from llm_model_parts.stage import (
+    Stage,
+    StageForward,
+    StageInfo,
+    _check_chain,
+    _link_device,
+    handshake,
+    load_stage,
+)
+from llm_model_parts.transport import (
+    TAG_DOWN,
+    TAG_RETURN,
+    Command,
+    Header,
+    Link,
+    PipelineError,
+    RemoteError,
+    decode_text,
+    encode_text,
+)
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("logits", "last", "argmax")
+_OUT_LOGITS, _OUT_LAST, _OUT_ARGMAX, _OUT_NONE = 0, 1, 2, 3
+
+
+# --- the stages -------------------------------------------------------------------------------------------------
+
+
+class _Caches:
+    """One incremental forward per micro-batch, created on first use and kept across resets."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.forwards: dict[int, StageForward] = {}
+
+    def get(self, item: int) -> StageForward:
+        f = self.forwards.get(item)
+        if f is None:
+            f = self.forwards[item] = self.stage.new_forward()
+        return f
+
+    def reset(self) -> None:
+        for f in self.forwards.values():
+            f.reset()
+
+    def rewind(self, n: int) -> None:
+        for f in self.forwards.values():
+            f.rewind(n)
+
+
+def _check_input(info: StageInfo, x: torch.Tensor, sender: int) -> None:
+    """A readable error when what arrives is not what this stage takes."""
+    if info.begin:
+        if x.dtype != torch.int64 or x.dim() != 2:
+            raise PipelineError(
+                f"rank holding {info.spec!r} (begin) expects token ids int64 [B, T], "
+                f"rank {sender} sent {x.dtype} {list(x.shape)}"
+            )
+        return
+    if x.dim() != 3 or x.shape[-1] != info.hidden_size or x.dtype != info.torch_dtype:
+        raise PipelineError(
+            f"rank holding {info.spec!r} expects hidden states {info.dtype} [B, T, {info.hidden_size}], "
+            f"rank {sender} sent {str(x.dtype).removeprefix('torch.')} {list(x.shape)}: "
+            "do all ranks load the same model with the same dtype?"
+        )
+
+
+def _select(y: torch.Tensor, mode: int) -> list[torch.Tensor]:
+    if mode == _OUT_LAST:
+        return [y[:, -1:]]
+    if mode == _OUT_ARGMAX:
+        return [y.argmax(-1)]
+    if mode == _OUT_NONE:
+        return []
+    return [y]
+
+
+def run_worker(
+    stage: Stage,
+    *,
+    rank: int | None = None,
+    world: int | None = None,
+    timeout: float = 60.0,
+    startup_timeout: float | None = None,
+) -> None:
+    """Serve one stage of the pipeline (any rank but 0) until rank 0 shuts it down.
+
+    Raises PipelineError when a neighbour dies, hangs past `timeout`, or sends something this stage cannot
+    take; before raising it tells the ranks downstream (and so rank 0) what happened.
+    """
+    rank = dist.get_rank() if rank is None else rank
+    world = dist.get_world_size() if world is None else world
+    if rank == 0:
+        raise ValueError("run_worker serves ranks 1..n-1; rank 0 drives the pipeline with PipelineDriver")
+    infos = handshake(stage.info, rank, world, timeout=startup_timeout or timeout)
+    last = rank == world - 1
+    me = stage.info.device
+    inbox = Link(rank - 1, TAG_DOWN, timeout, _link_device(me, infos[rank - 1].device))
+    nxt = 0 if last else rank + 1
+    outbox = Link(nxt, TAG_RETURN if last else TAG_DOWN, timeout, _link_device(me, infos[nxt].device))
+    caches = _Caches(stage)
+    device = torch.device(stage.info.device)
+    logger.info("rank %d serving %r on %s", rank, stage.info.spec, device)
+    try:
+        _serve(stage, caches, inbox, outbox, device, rank, last)
+    except PipelineError as e:
+        _tell_downstream(outbox, f"rank {rank} ({stage.info.spec!r}): {e}", e)
+        raise
+    except Exception as e:
+        msg = f"rank {rank} ({stage.info.spec!r}) raised {type(e).__name__}: {e}"
+        _tell_downstream(outbox, msg, e)
+        raise PipelineError(msg) from e
+    finally:
+        caches.forwards.clear()
+
+
+def _tell_downstream(outbox: Link, msg: str, cause: BaseException) -> None:
+    if isinstance(cause, RemoteError):
+        msg = str(cause)  # already says where it came from
+    try:
+        outbox.send(Header(Command.ERROR), [encode_text(msg)])
+        outbox.flush(min(outbox.timeout, 5.0))
+    except PipelineError:
+        pass  # the downstream rank is gone too; its neighbours will notice
+
+
+def _serve(
+    stage: Stage, caches: _Caches, inbox: Link, outbox: Link, device: torch.device, rank: int, last: bool
+) -> None:
+    info = stage.info
+    while True:
+        header, tensors = inbox.recv()
+        cmd = header.command
+        if cmd == Command.FORWARD:
+            x = tensors[0].to(device)
+            _check_input(info, x, inbox.peer)
+            mask = tensors[1].to(device).long() if len(tensors) > 1 else None
+            y = caches.get(header.item)(x, attention_mask=mask)
+            if last:
+                outbox.send(Header(Command.RESULT, header.item, header.arg), _select(y, header.arg))
+            else:
+                outbox.send(Header(Command.FORWARD, header.item, header.arg), [y, *tensors[1:]])
+        elif cmd == Command.PACKED:
+            x = tensors[0].to(device)
+            _check_input(info, x, inbox.peer)
+            pos, tree = tensors[1].to(device), tensors[2].to(device).bool()
+            y = caches.get(header.item).forward_packed(x, pos, tree)  # type: ignore[attr-defined]
+            if last:
+                outbox.send(Header(Command.RESULT, header.item, header.arg), _select(y, header.arg))
+            else:
+                outbox.send(Header(Command.PACKED, header.item, header.arg), [y, *tensors[1:]])
+        elif cmd in (Command.RESET, Command.REWIND):
+            if cmd == Command.RESET:
+                caches.reset()
+            else:
+                caches.rewind(header.arg)
+            if not last:
+                outbox.send(header)
+        elif cmd == Command.PING:
+            outbox.send(Header(Command.PONG if last else Command.PING, arg=header.arg))
+        elif cmd == Command.SHUTDOWN:
+            outbox.send(header)
+            outbox.flush()
+            logger.info("rank %d: shut down by rank 0", rank)
+            return
+        elif cmd == Command.ERROR:
+            raise RemoteError(decode_text(tensors))
+        else:
+            raise PipelineError(f"rank {rank}: unexpected command {cmd.name} from rank {inbox.peer}")
+
+
+# --- rank 0 ----------------------------------------------------------------------------------------------------
+
+
+class PipelineDriver:
+    """Rank 0's side: an incremental forward_func over the whole pipeline.
+
+    `driver(new_ids, attention_mask=None)` returns logits [B, T, V] (output="logits"), the last position's
+    [B, 1, V] ("last": 1/T of the traffic back, enough to generate) or argmax ids [B, T] ("argmax").
+    `micro_batches` splits the rows, `prefill_chunk` splits long inputs into chunks of that many positions,
+    so that the stages work on different pieces at once.
+    """
+
+    def __init__(
+        self,
+        stage: Stage | None,
+        *,
+        infos: list[StageInfo] | None = None,
+        world: int | None = None,
+        micro_batches: int = 1,
+        prefill_chunk: int | None = None,
+        output: str = "logits",
+        timeout: float = 60.0,
+        heartbeat: float | None = None,
+        on_failure: Callable[[PipelineError], None] | None = None,
+        owns_group: bool = False,
+    ) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.world = dist.get_world_size() if world is None and dist.is_initialized() else (world or 1)
+        self.stage = stage
+        self.micro_batches = micro_batches
+        self.prefill_chunk = prefill_chunk
+        self.output = output
+        self.timeout = timeout
+        self.on_failure = on_failure
+        self.owns_group = owns_group  # close() destroys the process group (start_pipeline created it)
+        self._caches = _Caches(stage) if stage is not None else None
+        own = stage.info if stage is not None else _driver_only_info()
+        if self.world > 1:
+            self.infos = infos if infos is not None else handshake(own, 0, self.world, timeout=timeout)
+        else:
+            self.infos = [own]
+            _check_chain(self.infos, complete=True)
+        self.max_seq_len = min(i.max_seq_len for i in self.infos if i.spec)
+        self.vocab_size = self.infos[-1].vocab_size
+        self.device = torch.device(own.device)
+        last_dev = self.infos[-1].device
+        first_dev = self.infos[1].device if self.world > 1 else own.device
+        self._down = (
+            Link(1, TAG_DOWN, timeout, _link_device(own.device, first_dev)) if self.world > 1 else None
+        )
+        self._back = (
+            Link(self.world - 1, TAG_RETURN, timeout, _link_device(own.device, last_dev))
+            if self.world > 1
+            else None
+        )
+        self.seq_len = 0
+        self.batch_size: int | None = None
+        self._groups: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self._failure: PipelineError | None = None
+        self._closed = False
+        self._last_activity = time.monotonic()
+        self._stop = threading.Event()
+        self._pings = 0
+        self._heartbeat: threading.Thread | None = None
+        if self.world > 1:
+            interval = heartbeat if heartbeat is not None else timeout / 4
+            self._heartbeat = threading.Thread(
+                target=self._beat, args=(interval,), name="pipeline-heartbeat", daemon=True
+            )
+            self._heartbeat.start()
+
+    # --- the forward_func contract --------------------------------------------------------------------------
+
+    def __call__(self, new_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        new_ids, mask = self._check_call(new_ids, attention_mask)
+        t = new_ids.shape[1]
+        chunk = self.prefill_chunk or t
+        items = [(g, s, min(s + chunk, t)) for s in range(0, t, chunk) for g in range(len(self._groups))]
+        mode = OUTPUTS.index(self.output)
+        with self._guard():
+            results = self._run(items, new_ids, mask, mode, packed=None)
+        self.seq_len += t
+        return self._assemble(results, items, mode)
+
+    def forward_packed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Packed prefix-tree logits (docs/forward_func.md); the caches are left as they were."""
+        if self.stage is not None and not self.stage.packed:
+            raise NotImplementedError("this pipeline's parts do not offer forward_packed")
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"forward_packed takes input_ids [1, N], got {list(input_ids.shape)}")
+        if self.seq_len == 0 or not self._groups:
+            raise ValueError("forward_packed continues a cached prefix: call the driver on the prefix first")
+        n = input_ids.shape[1]
+        items = [(0, 0, n)]
+        with self._guard():
+            results = self._run(
+                items, input_ids.long(), None, _OUT_LOGITS, packed=(position_ids.long(), tree_mask.bool())
+            )
+        return results[0]
+
+    def reset(self) -> None:
+        """Forget every sequence on every rank; the next call may use another batch size."""
+        with self._guard():
+            if self._caches is not None:
+                self._caches.reset()
+            if self._down is not None:
+                self._down.send(Header(Command.RESET))
+        self.seq_len = 0
+        self.batch_size = None
+
+    def rewind(self, n: int) -> None:
+        """Drop the last `n` tokens of every row on every rank."""
+        if not 0 <= n <= self.seq_len:
+            raise ValueError(f"rewind({n}): the cache holds {self.seq_len} tokens")
+        if n == 0:
+            return
+        with self._guard():
+            if self._caches is not None:
+                self._caches.rewind(n)
+            if self._down is not None:
+                self._down.send(Header(Command.REWIND, arg=n))
+        self.seq_len -= n
+
+    def close(self) -> None:
+        """Shut the workers down (they return from run_worker) and stop the heartbeat."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        try:
+            if self._failure is None and self._down is not None and self._back is not None:
+                with self._lock:
+                    self._down.send(Header(Command.SHUTDOWN))
+                    self._down.flush()
+                    header, _ = self._back.recv()
+                    if header.command != Command.SHUTDOWN:
+                        logger.warning("rank %d answered %s to shutdown", self.world - 1, header.command.name)
+        finally:
+            if self.owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def __enter__(self) -> PipelineDriver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals -------------------------------------------------------------------------------------------
+
+    def _check_call(
+        self, new_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(new_ids, torch.Tensor) or new_ids.dim() != 2 or new_ids.dtype.is_floating_point:
+            what = list(new_ids.shape) if isinstance(new_ids, torch.Tensor) else type(new_ids).__name__
+            raise ValueError(f"new_ids must be integer token ids [B, T], got {what}")
+        b, t = new_ids.shape
+        if t == 0:
+            raise ValueError("new_ids has no tokens")
+        if self.batch_size is not None and b != self.batch_size:
+            raise ValueError(
+                f"new_ids has {b} rows but this sequence has {self.batch_size}; reset() to change the batch"
+            )
+        if self.seq_len + t > self.max_seq_len:
+            raise ValueError(
+                f"{self.seq_len} cached + {t} new tokens exceed the pipeline's capacity of {self.max_seq_len} "
+                "(max_seq_len of the ranks' caches)"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, self.seq_len + t):
+            raise ValueError(
+                f"attention_mask must cover the whole sequence, [B, seq_len + T] = [{b}, {self.seq_len + t}], "
+                f"got {list(attention_mask.shape)}"
+            )
+        if self.batch_size is None:
+            self.batch_size = b
+            bounds = torch.tensor_split(torch.arange(b), min(self.micro_batches, b))
+            self._groups = [(int(r[0]), int(r[-1]) + 1) for r in bounds]
+        ids = new_ids.long().to(self.device)
+        return ids, (attention_mask.long().to(self.device) if attention_mask is not None else None)
+
+    def _guard(self) -> _Guard:
+        if self._closed:
+            raise PipelineError("the pipeline is closed")
+        if self._failure is not None:
+            raise self._failure
+        return _Guard(self)
+
+    def _run(
+        self,
+        items: list[tuple[int, int, int]],
+        ids: torch.Tensor,
+        mask: torch.Tensor | None,
+        mode: int,
+        packed: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> list[torch.Tensor]:
+        local: list[torch.Tensor] = []
+        final_start = items[-1][1]
+        for g, s, e in items:
+            r0, r1 = self._groups[g]
+            x = ids[r0:r1, s:e]
+            m = mask[r0:r1, : self.seq_len + e] if mask is not None else None
+            item_mode = _OUT_NONE if mode == _OUT_LAST and s != final_start else mode
+            if self._caches is not None:
+                f = self._caches.get(g)
+                if packed is not None:
+                    x = f.forward_packed(x, packed[0].to(self.device), packed[1].to(self.device))  # type: ignore[attr-defined]
+                else:
+                    x = f(x, attention_mask=m)
+            if self._down is None:
+                local += _select(x, item_mode)
+                continue
+            extra = [m.to(torch.uint8)] if m is not None else []
+            if packed is not None:
+                extra = [packed[0], packed[1].to(torch.uint8)]
+            command = Command.PACKED if packed is not None else Command.FORWARD
+            self._down.send(Header(command, g, item_mode), [x, *extra])
+        if self._down is None:
+            return local
+        assert self._back is not None
+        results = []
+        for g, _s, _e in items:
+            header, tensors = self._back.recv()
+            if header.command == Command.ERROR:
+                raise RemoteError(decode_text(tensors))
+            if header.command != Command.RESULT or header.item != g:
+                raise PipelineError(
+                    f"rank {self.world - 1} sent {header.command.name} for micro-batch {header.item}, "
+                    f"expected RESULT for micro-batch {g}"
+                )
+            results += [t.to(self.device) for t in tensors]
+        self._down.flush()
+        return results
+
+    def _assemble(
+        self, results: list[torch.Tensor], items: list[tuple[int, int, int]], mode: int
+    ) -> torch.Tensor:
+        if mode == _OUT_LAST:
+            results = results[-len(self._groups) :]
+            return torch.cat(results, 0)
+        n_groups = len(self._groups)
+        rows = [torch.cat(results[g::n_groups], 1) for g in range(n_groups)]
+        return torch.cat(rows, 0)
+
+    def _beat(self, interval: float) -> None:
+        """Heartbeat: when idle for `interval`, send a PING round the ring and wait for its PONG."""
+        while not self._stop.wait(interval / 4):
+            if time.monotonic() - self._last_activity < interval:
+                continue
+            if not self._lock.acquire(blocking=False):
+                continue
+            try:
+                if self._failure is not None or self._closed:
+                    return
+                self._pings += 1
+                assert self._down is not None and self._back is not None
+                self._down.send(Header(Command.PING, arg=self._pings))
+                header, tensors = self._back.recv()
+                if header.command == Command.ERROR:
+                    raise RemoteError(decode_text(tensors))
+                if header.command != Command.PONG or header.arg != self._pings:
+                    raise PipelineError(
+                        f"heartbeat: rank {self.world - 1} sent {header.command.name}, expected PONG"
+                    )
+                self._last_activity = time.monotonic()
+            except PipelineError as e:
+                self._fail(e)
+                return
+            finally:
+                self._lock.release()
+
+    def _fail(self, e: PipelineError) -> None:
+        if self._failure is None:
+            self._failure = e
+            logger.error("pipeline failed: %s", e)
+            if self.on_failure is not None:
+                self.on_failure(e)
+
+
+class _Guard:
+    """Holds the driver's lock for one operation and records a failure, so later calls fail fast."""
+
+    def __init__(self, driver: PipelineDriver) -> None:
+        self.driver = driver
+
+    def __enter__(self) -> None:
+        self.driver._lock.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.driver._last_activity = time.monotonic()
+        self.driver._lock.release()
+        if isinstance(exc, PipelineError):
+            self.driver._fail(exc)
+
+
+def _driver_only_info() -> StageInfo:
+    return StageInfo("", False, (0, 0), False, 0, 0, 0, "float32", "cpu", 1 << 62)
+
+
+# --- one call for everything ------------------------------------------------------------------------------------
+
+
+def init_distributed(*, device: str | torch.device, timeout: float) -> bool:
+    """Join the process group torchrun describes (env://); returns False when it was joined already."""
+    if dist.is_initialized():
+        return False
+    from datetime import timedelta
+
+    backend = "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {}
+    if torch.device(device).type == "cuda":
+        kwargs["device_id"] = torch.device(device)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout), **kwargs)
+    return True
+
+
+def parse_plan(plan: str | Sequence[str], world: int) -> list[str]:
+    """`"b 0-10,10-20,20-30 e"` or a list of specs -> one spec per rank."""
+    specs = [s.strip() for s in plan.split(",")] if isinstance(plan, str) else [str(s).strip() for s in plan]
+    if len(specs) != world:
+        raise ValueError(
+            f"the plan has {len(specs)} specs ({specs}) but there are {world} ranks: give one spec per rank"
+        )
+    return specs
+
+
+def default_device() -> torch.device:
+    import os
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def start_pipeline(
+    model: str | Any,
+    plan: str | Sequence[str] = "auto",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    max_seq_len: int = 2048,
+    batch_size: int = 1,
+    micro_batches: int = 1,
+    prefill_chunk: int | None = None,
+    output: str = "logits",
+    timeout: float = 60.0,
+    startup_timeout: float = 600.0,
+    memory: int | str | None = None,
+) -> PipelineDriver | None:
+    """Join the process group, load this rank's part of `model` (a sepweight or HF directory), and run.
+
+    Rank 0 gets a PipelineDriver (an incremental forward_func); every other rank serves its stage until
+    rank 0 closes the driver, then gets None. `plan` is "auto" (`plan_split` over each rank's `memory`,
+    default: what this device has free) or one spec per rank. Batches of up to `batch_size` rows
+    (`micro_batches` cache sets of batch_size/micro_batches rows on every rank).
+    """
+    from llm_model_parts.plan import detect_memory, parse_bytes, plan_split
+
+    device = torch.device(device) if device is not None else default_device()
+    own_group = init_distributed(device=device, timeout=startup_timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        if plan == "auto":
+            budget = parse_bytes(memory) if memory is not None else detect_memory(device)
+            budgets = torch.zeros(world, dtype=torch.int64)
+            budgets[rank] = budget
+            dist.all_reduce(budgets)  # gloo on CPU tensors
+            specs = plan_split(
+                model,
+                budgets.tolist(),
+                dtype=dtype or torch.float32,
+                max_seq_len=max_seq_len,
+                batch_size=batch_size,
+            )
+            if rank == 0:
+                logger.info("plan: %s (budgets %s)", specs, budgets.tolist())
+        else:
+            specs = parse_plan(plan, world)
+        stage = load_stage(model, specs[rank], device=device, dtype=dtype, max_seq_len=max_seq_len)
+        # the others may still be loading: the handshake waits up to startup_timeout
+        if rank == 0:
+            infos = handshake(stage.info, 0, world, timeout=startup_timeout) if world > 1 else None
+            return PipelineDriver(
+                stage,
+                infos=infos,
+                world=world,
+                micro_batches=micro_batches,
+                prefill_chunk=prefill_chunk,
+                output=output,
+                timeout=timeout,
+                owns_group=own_group,
+            )
+        run_worker(stage, rank=rank, world=world, timeout=timeout, startup_timeout=startup_timeout)
+    except BaseException:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if own_group:
+        dist.destroy_process_group()
+    return None

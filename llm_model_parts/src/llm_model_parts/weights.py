@@ -1,0 +1,60 @@
+"""Map the weights a user brings to a part's own tensor names (`embed_tokens.weight`,
+`layers.<local index>.self_attn.q_proj.weight`, `norm.weight`, `lm_head.weight`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from llm_model_parts.config import ModelConfig
+from llm_sepweight import PartSpec
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old Llama checkpoints saved this buffer
+
+
+def to_part_names(weights: Any, spec: PartSpec, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """`weights`: a PartStateDict-like object (`.begin`, `.mid`, `.end`) or a flat HF-named state dict."""
+    local = {layer: j for j, layer in enumerate(spec.layers)}
+    out: dict[str, torch.Tensor] = {}
+    if hasattr(weights, "mid"):
+        if spec.begin:
+            out.update(_section(weights.begin, "begin"))
+        for layer, j in local.items():
+            if layer not in weights.mid:
+                raise KeyError(f"the weights have no tensors for layer {layer} (part {str(spec)!r})")
+            out.update({f"layers.{j}.{k}": v for k, v in weights.mid[layer].items() if not _ignored(k)})
+        if spec.end:
+            out.update(_section(weights.end, "end"))
+        return out
+    if not isinstance(weights, Mapping):
+        raise TypeError(
+            f"state_dict must be a PartStateDict or a mapping of tensors, got {type(weights).__name__}"
+        )
+    for name, tensor in weights.items():
+        key = name.removeprefix("model.")
+        if _ignored(key):
+            continue
+        head, _, rest = key.partition(".")
+        if head == "layers":
+            index, _, sub = rest.partition(".")
+            if index.isdigit() and int(index) in local:
+                out[f"layers.{local[int(index)]}.{sub}"] = tensor
+        elif (head == "embed_tokens" and spec.begin) or (head in ("norm", "lm_head") and spec.end):
+            out[key] = tensor
+    if spec.end and "lm_head.weight" not in out and config.tie_word_embeddings:
+        tied = weights.get("model.embed_tokens.weight", weights.get("embed_tokens.weight"))
+        if tied is not None:
+            out["lm_head.weight"] = tied
+    return out
+
+
+def _section(tensors: Mapping[str, torch.Tensor] | None, name: str) -> dict[str, torch.Tensor]:
+    if tensors is None:
+        raise KeyError(f"the weights have no {name} section, but the part spec asks for it")
+    return {k: v for k, v in tensors.items() if not _ignored(k)}
+
+
+def _ignored(name: str) -> bool:
+    return name.endswith(_IGNORED_SUFFIXES)

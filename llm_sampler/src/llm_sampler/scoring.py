@@ -1,0 +1,288 @@
+"""Closed-form scoring: log-likelihoods of continuations after a context, for any forward_func.
+
+Three engines, chosen by what the forward_func offers:
+- stateless: every (context, option) is one row `(context + option)[:-1]`, rows sorted by length and batched
+  with right padding (a causal model needs no mask for that). A row that is a prefix of another row is not
+  computed twice (all the one-token options of a question share one row).
+- incremental: the contexts of a batch of questions go in once (left-padded); then each option slot continues
+  from the cache and is rewound, so a context is never recomputed per option.
+- packed: with `forward_packed`, one question's options go in together as a prefix tree after its context.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llm_sampler.forward import ForwardFunc, all_logits, is_incremental
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_TOKENS = 2048
+Ids = tuple[int, ...]
+
+
+@dataclass
+class TokenScores:
+    logprobs: list[float]
+    is_greedy: bool
+
+
+def _check_ids(ids: Any, what: str) -> Ids:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() != 1:
+            raise ValueError(f"{what} must be a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    out = tuple(int(t) for t in ids)
+    if any(t < 0 for t in out):
+        raise ValueError(f"{what} holds negative token ids")
+    return out
+
+
+def _score_rows(logits: torch.Tensor, rows: list[int], positions: list[int], targets: list[int]) -> tuple[list[float], list[bool]]:
+    """log-softmax only where needed: logits[rows, positions] -> (logprob of target, target is the argmax)."""
+    picked = logits[torch.tensor(rows), torch.tensor(positions)].float().log_softmax(-1)  # (n, V)
+    target = torch.tensor(targets, device=picked.device)
+    if int(target.max()) >= picked.shape[-1]:
+        raise ValueError(f"token id {int(target.max())} is outside the model's vocabulary of {picked.shape[-1]}")
+    lp = picked.gather(1, target[:, None])[:, 0]
+    if bool(lp.isnan().any()):
+        raise ValueError("forward_func returned NaN logits for a scored position")
+    greedy = picked.argmax(-1) == target
+    return lp.tolist(), greedy.tolist()
+
+
+def _batches(lengths: list[int], batch_size: int | None, batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length (longest first), cut so each batch holds <= batch_tokens padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and (batch_size is None or len(out[-1]) < batch_size):
+            width = lengths[out[-1][0]]
+            if batch_size is not None or width * (len(out[-1]) + 1) <= batch_tokens:
+                out[-1].append(i)
+                continue
+        out.append([i])
+    return out
+
+
+def score_stateless(
+    f: ForwardFunc, requests: Sequence[tuple[Ids, Ids]], batch_size: int | None, max_length: int | None, pad_id: int = 0
+) -> list[TokenScores]:
+    results: list[TokenScores | None] = [None] * len(requests)
+    inputs: list[Ids] = []
+    owner: list[int] = []
+    for i, (ctx, cont) in enumerate(requests):
+        if not cont:
+            results[i] = TokenScores([], True)
+            continue
+        full = ctx + cont
+        if max_length is not None:
+            full = full[-(max_length + 1) :]
+        inputs.append(full[:-1])
+        owner.append(i)
+    # one row per input that is no prefix of another: sorted lexicographically, a prefix sits right before
+    # the rows that extend it, so carrier[i] is the longest input input[i] is a prefix of
+    uniq = sorted(set(inputs))
+    carrier = list(range(len(uniq)))
+    for j in range(len(uniq) - 2, -1, -1):
+        if uniq[j + 1][: len(uniq[j])] == uniq[j]:
+            carrier[j] = carrier[j + 1]
+    where = {u: carrier[j] for j, u in enumerate(uniq)}
+    rows = sorted(set(carrier))
+    by_row: dict[int, list[int]] = {r: [] for r in rows}
+    for k, inp in enumerate(inputs):
+        by_row[where[inp]].append(k)
+    for batch in _batches([len(uniq[r]) for r in rows], batch_size, DEFAULT_BATCH_TOKENS):
+        width = len(uniq[rows[batch[0]]])
+        x = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        for b, r in enumerate(batch):
+            x[b, : len(uniq[rows[r]])] = torch.tensor(uniq[rows[r]])
+        logits = all_logits(f(x), len(batch), width)
+        flat_rows: list[int] = []
+        flat_pos: list[int] = []
+        flat_tgt: list[int] = []
+        spans: list[tuple[int, int, int]] = []
+        for b, r in enumerate(batch):
+            for k in by_row[rows[r]]:
+                ctx, cont = requests[owner[k]]
+                n_in, n_cont = len(inputs[k]), len(cont)
+                if n_cont > n_in:
+                    raise ValueError(f"an option of {n_cont} tokens does not fit max_length={max_length}")
+                spans.append((owner[k], len(flat_tgt), n_cont))
+                flat_rows += [b] * n_cont
+                flat_pos += range(n_in - n_cont, n_in)
+                flat_tgt += cont
+        lps, greedy = _score_rows(logits, flat_rows, flat_pos, flat_tgt)
+        for i, start, n in spans:
+            results[i] = TokenScores(lps[start : start + n], all(greedy[start : start + n]))
+    return [r for r in results if r is not None]
+
+
+def _group_by_context(requests: Sequence[tuple[Ids, Ids]]) -> dict[Ids, list[int]]:
+    groups: dict[Ids, list[int]] = {}
+    for i, (ctx, _) in enumerate(requests):
+        groups.setdefault(ctx, []).append(i)
+    return groups
+
+
+def score_incremental(
+    f: Any, requests: Sequence[tuple[Ids, Ids]], batch_size: int | None, max_length: int | None, pad_id: int = 0
+) -> list[TokenScores]:
+    """Contexts once per batch of questions (left-padded), then option slot by slot from the cache."""
+    results: list[TokenScores | None] = [None] * len(requests)
+    groups = [(ctx, idx) for ctx, idx in _group_by_context(requests).items()]
+    fits = [max(len(ctx) + len(requests[i][1]) for i in idx) <= (max_length or 1 << 62) + 1 for ctx, idx in groups]
+    if not all(fits):  # lm-eval's left truncation changes the context per option: score those rows statelessly
+        long = [i for (ctx, idx), ok in zip(groups, fits, strict=True) if not ok for i in idx]
+        for i, r in zip(long, _score_via_reset(f, [requests[i] for i in long], max_length), strict=True):
+            results[i] = r
+        groups = [g for g, ok in zip(groups, fits, strict=True) if ok]
+    for batch in _batches([len(ctx) for ctx, _ in groups], batch_size, DEFAULT_BATCH_TOKENS):
+        chunk = [groups[g] for g in batch]
+        # a prefix tree takes 2 calls for a question; across questions, slots batch many questions per call
+        run = _packed_question if len(chunk) == 1 and hasattr(f, "forward_packed") else _incremental_batch
+        for i, r in run(f, chunk, requests, pad_id).items():
+            results[i] = r
+    return [r for r in results if r is not None]
+
+
+def _score_via_reset(f: Any, requests: Sequence[tuple[Ids, Ids]], max_length: int | None) -> list[TokenScores]:
+    def stateless(x: torch.Tensor) -> torch.Tensor:
+        f.reset()
+        return f(x)
+
+    return [score_stateless(stateless, [r], 1, max_length)[0] for r in requests]
+
+
+def _right_padded(rows: list[Ids], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            x[b, : len(r)] = torch.tensor(r)
+            mask[b, : len(r)] = 1
+    return x, mask
+
+
+def _incremental_batch(
+    f: Any, chunk: list[tuple[Ids, list[int]]], requests: Sequence[tuple[Ids, Ids]], pad_id: int
+) -> dict[int, TokenScores]:
+    """Left-padded contexts followed by the first option of each question (right-padded) in one call, then
+    one call per further option slot, each rewound after. Padding is masked, so rows never see it."""
+    q = len(chunk)
+    width = max(len(ctx) for ctx, _ in chunk)
+    x = torch.full((q, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((q, width), dtype=torch.long)
+    for b, (ctx, _) in enumerate(chunk):
+        x[b, width - len(ctx) :] = torch.tensor(ctx)
+        mask[b, width - len(ctx) :] = 1
+    conts: dict[int, Ids] = {i: requests[i][1] for _, idx in chunk for i in idx}
+    res = {i: TokenScores([], True) for i in conts}
+    first = [(b, i) for b, (_, idx) in enumerate(chunk) for i in idx if conts[i]]
+    f.reset()
+    n_slots = max(len(idx) for _, idx in chunk)
+    for slot in range(n_slots):
+        owners = [idx[slot] if slot < len(idx) else -1 for _, idx in chunk]
+        tails = [conts[i][:-1] if i >= 0 else () for i in owners]
+        n = max(len(t) for t in tails)
+        if slot > 0 and n == 0:
+            continue
+        y, ymask = _right_padded(tails, pad_id) if n else (x[:, :0], mask[:, :0])
+        full_mask = torch.cat([mask, ymask], 1)
+        new = torch.cat([x, y], 1) if slot == 0 else y
+        out = f(new, attention_mask=full_mask) if not bool(full_mask.all()) else f(new)
+        out = all_logits(out, q, new.shape[1], "the incremental forward_func")
+        offset = width if slot == 0 else 0
+        rows, pos, tgt, spans = [], [], [], []
+        if slot == 0:  # every option's first token, predicted by its context's last position
+            for b, i in first:
+                spans.append((i, len(tgt), 1))
+                rows.append(b)
+                pos.append(width - 1)
+                tgt.append(conts[i][0])
+        for b, (i, t) in enumerate(zip(owners, tails, strict=True)):
+            if t:
+                spans.append((i, len(tgt), len(t)))
+                rows += [b] * len(t)
+                pos += range(offset, offset + len(t))
+                tgt += conts[i][1:]
+        if tgt:
+            lps, greedy = _score_rows(out, rows, pos, tgt)
+            for i, start, k in spans:
+                r = res[i]
+                res[i] = TokenScores(r.logprobs + lps[start : start + k], r.is_greedy and all(greedy[start : start + k]))
+        f.rewind(n)
+    return res
+
+
+def _packed_question(f: Any, chunk: list[tuple[Ids, list[int]]], requests: Sequence[tuple[Ids, Ids]], pad_id: int) -> dict[int, TokenScores]:
+    (ctx, idx), = chunk
+    f.reset()
+    last = all_logits(f(torch.tensor([ctx])), 1, len(ctx), "the incremental forward_func")[:, -1:]
+    res = {i: TokenScores([], True) for i in idx}
+    live = [i for i in idx if requests[i][1]]
+    if not live:
+        return res
+    lps, greedy = _score_rows(last, [0] * len(live), [0] * len(live), [requests[i][1][0] for i in live])
+    for i, lp, g in zip(live, lps, greedy, strict=True):
+        res[i] = TokenScores([lp], g)
+    tails = [(i, requests[i][1][:-1]) for i in live if len(requests[i][1]) > 1]
+    n = sum(len(t) for _, t in tails)
+    if n == 0:
+        return res
+    ids = torch.tensor([[tok for _, t in tails for tok in t]])
+    pos = torch.tensor([[len(ctx) + k for _, t in tails for k in range(len(t))]])
+    tree = torch.zeros((1, n, n), dtype=torch.bool)
+    start = 0
+    for _, t in tails:
+        tree[0, start : start + len(t), start : start + len(t)] = torch.tril(torch.ones(len(t), len(t), dtype=torch.bool))
+        start += len(t)
+    logits = f.forward_packed(ids, pos, tree)
+    logits = all_logits(logits, 1, n, "forward_packed")
+    rows, flat_pos, tgt = [], [], []
+    start = 0
+    for i, t in tails:
+        rows += [0] * len(t)
+        flat_pos += range(start, start + len(t))
+        tgt += requests[i][1][1:]
+        start += len(t)
+    lps, greedy = _score_rows(logits, rows, flat_pos, tgt)
+    start = 0
+    for i, t in tails:
+        res[i] = TokenScores(res[i].logprobs + lps[start : start + len(t)], res[i].is_greedy and all(greedy[start : start + len(t)]))
+        start += len(t)
+    return res
+
+
+def score_requests(
+    forward_func: ForwardFunc,
+    requests: Sequence[tuple[Ids, Ids]],
+    *,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    use_cache: bool | None = None,
+) -> list[TokenScores]:
+    """Token log-probabilities of each `(context_ids, continuation_ids)`; the engine depends on the forward_func."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be None or an int >= 1, got {max_length!r}")
+    for ctx, _ in requests:
+        if not ctx:
+            raise ValueError("a context is empty: give at least one token (score_texts uses the BOS/prefix token)")
+    incremental = is_incremental(forward_func) if use_cache is None else use_cache
+    if incremental and not is_incremental(forward_func):
+        raise ValueError("use_cache=True needs an incremental forward_func (with reset() and rewind())")
+    if incremental:
+        return score_incremental(forward_func, requests, batch_size, max_length)
+    if is_incremental(forward_func):
+        return _score_via_reset(forward_func, requests, max_length)
+    return score_stateless(forward_func, requests, batch_size, max_length)

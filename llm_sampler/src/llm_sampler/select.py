@@ -1,0 +1,75 @@
+"""Choosing the next token of every row from its logits: processors, then greedy or sampling.
+
+The fast path for large vocabularies: `topk(k)` once on the processed scores, then temperature and every
+other warper on the k survivors only (they depend on the distribution, not on token ids, and tokens outside
+the top k have probability 0 anyway), then a Gumbel-max draw on those k values: no full sort, no
+`multinomial`, no host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llm_sampler import processors as P
+from llm_sampler import rng
+from llm_sampler.config import SamplingConfig
+
+
+@dataclass
+class Selection:
+    tokens: torch.Tensor  # (B,) chosen token ids
+    logprobs: torch.Tensor | None  # (B,) log-probability of each chosen token under the final distribution
+    bad_logits: torch.Tensor  # (B,) bool: the model returned NaN or +inf
+    nothing_left: torch.Tensor  # (B,) bool: every token was filtered out
+
+
+class TokenSelector:
+    """`selector(input_ids, logits, step) -> Selection` for one decoding step of a batch."""
+
+    def __init__(self, config: SamplingConfig, prompt_len: int, seeds: torch.Tensor | None = None) -> None:
+        self.config = config
+        self.token_processors = config.token_processors(prompt_len)
+        self.warpers = config.warpers()
+        self.seeds = seeds
+
+    def process(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary processed scores (token processors, temperature, top-k, warpers): for tests and
+        for the speculative sampler, which needs whole distributions."""
+        scores = P.apply(self.token_processors, input_ids, logits.float())
+        if self.config.greedy:
+            return scores
+        vals, idx = self._warp(input_ids, scores)
+        if idx is None:
+            return vals
+        return torch.full_like(scores, P.NEG_INF).scatter_(1, idx, vals)
+
+    def _warp(self, input_ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (values, token ids of the values or None for the whole vocabulary)."""
+        cfg = self.config
+        idx = None
+        if cfg.top_k is not None and cfg.top_k < scores.shape[-1]:
+            scores, idx = torch.topk(scores, cfg.top_k)  # temperature is monotonic: same top k after it
+        if cfg.temperature != 1.0:
+            scores = scores / cfg.temperature
+        return P.apply(self.warpers, input_ids, scores), idx
+
+    def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, step: int) -> Selection:
+        logits = logits.float()
+        bad = (logits.isnan() | (logits == float("inf"))).any(-1)
+        scores = P.apply(self.token_processors, input_ids, logits)
+        if self.config.greedy:
+            tokens = scores.argmax(-1)
+            nothing = scores.gather(1, tokens[:, None])[:, 0] == P.NEG_INF
+            logprobs = None
+            if self.config.return_logprobs:
+                logprobs = scores.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+            return Selection(tokens, logprobs, bad, nothing)
+        vals, idx = self._warp(input_ids, scores)
+        keys = None if self.seeds is None else rng.row_keys(self.seeds, step)
+        choice = (vals + rng.gumbel(keys, idx, vals)).argmax(-1, keepdim=True)  # (B, 1)
+        tokens = choice if idx is None else idx.gather(1, choice)
+        nothing = vals.gather(1, choice)[:, 0] == P.NEG_INF
+        logprobs = vals.log_softmax(-1).gather(1, choice)[:, 0] if self.config.return_logprobs else None
+        return Selection(tokens[:, 0], logprobs, bad, nothing)

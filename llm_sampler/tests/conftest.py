@@ -1,0 +1,44 @@
+"""Fixtures for llm_sampler's tests: tiny random HF models, the real SmolLM2, and reference forward_funcs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def load_hf(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Any:
+    return load_hf(fixtures.tiny_checkpoint("llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return Path(fixtures.real_checkpoint("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path: Path) -> Any:
+    return load_hf(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
