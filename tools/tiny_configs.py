@@ -127,3 +127,132 @@ TINY_CONFIGS.update(
         ),
     }
 )
+
+TINY_CONFIGS.update(
+    {
+        "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=128, **_GPT_BASE),
+        "gpt2-scaled": dict(
+            model_type="gpt2",
+            n_embd=64,
+            n_layer=4,
+            n_head=4,
+            n_inner=96,
+            n_positions=128,
+            scale_attn_by_inverse_layer_idx=True,
+            tie_word_embeddings=False,
+            **_GPT_BASE,
+        ),
+        "gptj": dict(model_type="gptj", n_embd=64, n_layer=4, n_head=4, rotary_dim=8, n_positions=128, **_GPT_BASE),
+        "opt": dict(
+            model_type="opt",
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+            **_GPT_BASE,
+        ),
+        "opt-350m-style": dict(
+            model_type="opt",
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=False,
+            **_GPT_BASE,
+        ),
+        "falcon-7b-style": dict(
+            model_type="falcon",
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            multi_query=True,
+            parallel_attn=True,
+            new_decoder_architecture=False,
+            alibi=False,
+            bias=False,
+            **_GPT_BASE,
+        ),
+        "falcon-40b-style": dict(
+            model_type="falcon",
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            parallel_attn=True,
+            alibi=False,
+            bias=False,
+            tie_word_embeddings=False,
+            **_GPT_BASE,
+        ),
+        "falcon-rw-alibi": dict(
+            model_type="falcon",
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            multi_query=False,
+            parallel_attn=False,
+            new_decoder_architecture=False,
+            alibi=True,
+            bias=True,
+            **_GPT_BASE,
+        ),
+    }
+)
+
+_DEEPSEEK: dict[str, Any] = dict(
+    num_key_value_heads=4,
+    moe_intermediate_size=32,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=32,
+    q_lora_rank=48,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+)
+
+TINY_CONFIGS.update(
+    {
+        "deepseek_v3": _cfg(
+            "deepseek_v3",
+            **_DEEPSEEK,
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+                "rope_theta": 10000.0,
+            },
+        ),
+        "deepseek_v3-no-q-lora": _cfg(
+            "deepseek_v3", **{**_DEEPSEEK, "q_lora_rank": None, "rope_interleave": False}
+        ),
+        "llama4_text": _cfg(
+            "llama4_text",
+            head_dim=16,
+            intermediate_size_mlp=96,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            interleave_moe_layer_step=2,
+            no_rope_layer_interval=2,
+            attention_chunk_size=8,
+            floor_scale=8,
+            attn_scale=0.1,
+            use_qk_norm=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+    }
+)

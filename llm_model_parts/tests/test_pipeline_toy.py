@@ -143,7 +143,7 @@ def test_heartbeat_notices_a_hang_while_idle(tmp_path: Path) -> None:
     assert "nothing from rank" in results[0].output or "nothing from rank" in results[2].output
 
 
-def test_bad_plan_and_dtype_fail_at_start_up(tmp_path: Path) -> None:
+def test_bad_plan_fails_at_start_up(tmp_path: Path) -> None:
     argv = toy.toy_argv("script", tmp_path, "b 0-2,3-4,4-6 e")
     results = toy.launch([argv] * 3, wall=WALL)
     assert all(r.returncode not in (0, None) for r in results), [r.returncode for r in results]

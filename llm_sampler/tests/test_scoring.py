@@ -180,7 +180,7 @@ def test_degenerate_inputs(tiny_llama: Any) -> None:
         score(f, [1, 2, 3], [[4, 5, 6, 7, 8]], max_length=4)
     # longer than the window: cut from the left as lm-eval does
     s = score(f, list(range(3, 13)), [[20, 21]], max_length=6)
-    ref, _ = naive_loglikelihood(tiny_llama, list(range(7, 13)), [20, 21])
+    ref, _ = naive_loglikelihood(tiny_llama, list(range(8, 13)), [20, 21])  # (ctx + cont)[-7:][:-1]
     assert abs(s[0].loglikelihood - ref) < 1e-4
     with pytest.raises(ValueError, match="NaN"):
         score(lambda x: torch.full((*x.shape, 8), float("nan")), [1], [[2]])

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -115,6 +118,44 @@ def peak_anon() -> Iterator[dict[str, int]]:
         out["peak"] = max(out["peak"], rss_anon() - base)
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the system, so RssAnon shows what is in use."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def memory_probe(variant: str, tokens: int, budget: int) -> int:
+    """Peak RssAnon increase during one forward of `variant`, measured in a fresh process."""
+    cmd = [sys.executable, __file__, "--probe", variant, "--tokens", str(tokens), "--budget", str(budget)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
+
+
+def run_probe(variant: str, tokens: int, budget: int) -> None:
+    torch.set_num_threads(2)
+    sw = sepweight_dir()
+    model = load_hf(Path(fixtures.real_checkpoint("smollm2")))
+    n_layers = len(model.model.layers)
+    if variant == "streamed":
+        offload(model.model.layers, SepweightSource(sw), "cpu", prefetch_depth=3, max_resident_bytes=budget)
+    elif variant == "streamed_read":
+        offload(
+            model.model.layers,
+            SepweightSource(sw, mmap=False),
+            "cpu",
+            prefetch_depth=3,
+            max_resident_bytes=budget,
+        )
+    elif variant == "naive":
+        NaiveLoop(model.model.layers, [sw / f"mid.{i:05d}.safetensors" for i in range(n_layers)])
+    ids = torch.randint(100, 40000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    trim_heap()
+    with peak_anon() as peak, torch.inference_mode():
+        model(ids, use_cache=False)
+    print(json.dumps(peak))
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -161,10 +202,16 @@ def cpu_bench(quick: bool) -> dict[str, Any]:
     budget = RESIDENT_LAYERS * (layer_bytes + (64 << 10))  # 4 layers (+ alignment slack)
 
     streamed = load_hf(hf_dir)
-    off = offload(streamed.model.layers, SepweightSource(sw), "cpu", prefetch_depth=3, max_resident_bytes=budget)
+    off = offload(
+        streamed.model.layers, SepweightSource(sw), "cpu", prefetch_depth=3, max_resident_bytes=budget
+    )
     streamed_read = load_hf(hf_dir)
     off_read = offload(
-        streamed_read.model.layers, SepweightSource(sw, mmap=False), "cpu", prefetch_depth=3, max_resident_bytes=budget
+        streamed_read.model.layers,
+        SepweightSource(sw, mmap=False),
+        "cpu",
+        prefetch_depth=3,
+        max_resident_bytes=budget,
     )
     naive_model = load_hf(hf_dir)
     naive = NaiveLoop(naive_model.model.layers, files)
@@ -226,23 +273,23 @@ def cpu_bench(quick: bool) -> dict[str, Any]:
         drop_from_page_cache(files)
         cold["streamed_read"].append(timed(fwd(streamed_read)))
 
-    # peak anonymous memory during one forward (hot files)
+    # peak anonymous memory during one forward (hot files), each in a fresh process: freed memory that the
+    # allocator keeps would hide the peak here
     read_into_page_cache(files)
-    memory = {}
-    for name, model, handle in [
-        ("resident", resident, None),
-        ("streamed", streamed, off),
-        ("streamed_read", streamed_read, off_read),
-        ("naive", naive_model, None),
-    ]:
-        if handle is not None:
-            handle.evict()
-        with peak_anon() as peak:
-            fwd(model)()
-        memory[name] = peak["peak"]
+    memory = {
+        name: memory_probe(name, tokens, budget)
+        for name in ("resident", "streamed", "streamed_read", "naive")
+    }
 
     med = {k: statistics.median(v) for k, v in hot.items() if v}
     cmed = {k: statistics.median(v) for k, v in cold.items()}
+
+    def ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
+        """Median over rounds of the ratio within a round (each round runs both back to back)."""
+        if not times.get(name):
+            return float("nan")
+        return statistics.median(a / b for a, b in zip(times[name], times[ref], strict=True))
+
     cold_pick = cold_stats[len(cold_stats) // 2]
     activations = memory["resident"]
     results = {
@@ -251,13 +298,14 @@ def cpu_bench(quick: bool) -> dict[str, Any]:
         "layer_bytes": layer_bytes,
         "max_resident_bytes": budget,
         "hot_s": med,
-        "hot_ratio_streamed_vs_resident": med["streamed"] / med["resident"],
-        "hot_ratio_streamed_read_vs_resident": med["streamed_read"] / med["resident"],
-        "hot_ratio_accelerate_disk_vs_resident": med.get("accelerate_disk", float("nan")) / med["resident"],
+        "hot_ratio_streamed_vs_resident": ratio(hot, "streamed", "resident"),
+        "hot_ratio_streamed_read_vs_resident": ratio(hot, "streamed_read", "resident"),
+        "hot_ratio_accelerate_disk_vs_resident": ratio(hot, "accelerate_disk", "resident"),
+        "hot_stall_share": hot_stats.stall_s / med["streamed"],
         "hot_stats": hot_stats.as_dict(),
         "cold_s": cmed,
-        "cold_ratio_streamed_vs_naive": cmed["streamed"] / cmed["naive"],
-        "cold_ratio_streamed_read_vs_naive": cmed["streamed_read"] / cmed["naive"],
+        "cold_ratio_streamed_vs_naive": ratio(cold, "streamed", "naive"),
+        "cold_ratio_streamed_read_vs_naive": ratio(cold, "streamed_read", "naive"),
         "cold_naive_load_s": statistics.median(naive_load),
         "cold_overlap": cold_pick.overlap,
         "cold_stats": {k: v for k, v in cold_pick.as_dict().items() if k != "layers"},
@@ -274,20 +322,30 @@ def cpu_bench(quick: bool) -> dict[str, Any]:
     print(f"\nCPU: SmolLM2-135M fp32, {n_layers} layers of {layer_bytes / 1e6:.1f} MB, forward of {tokens} tokens, "
           f"max_resident_bytes = {RESIDENT_LAYERS} layers ({budget / 1e6:.1f} MB); median of {reps}")  # fmt: skip
     print(f"{'case':<44} {'time s':>8} {'ratio':>7}")
+    r = results
     rows = [
         ("hot: resident (reference)", med["resident"], 1.0),
-        ("hot: streamed, mmap zero-copy", med["streamed"], med["streamed"] / med["resident"]),
-        ("hot: streamed, read into buffers", med["streamed_read"], med["streamed_read"] / med["resident"]),
+        ("hot: streamed, mmap zero-copy", med["streamed"], r["hot_ratio_streamed_vs_resident"]),
+        ("hot: streamed, read into buffers", med["streamed_read"], r["hot_ratio_streamed_read_vs_resident"]),
     ]
     if "accelerate_disk" in med:
-        rows.append(("hot: accelerate disk_offload", med["accelerate_disk"], med["accelerate_disk"] / med["resident"]))
+        rows.append(
+            (
+                "hot: accelerate disk_offload",
+                med["accelerate_disk"],
+                r["hot_ratio_accelerate_disk_vs_resident"],
+            )
+        )
     rows += [
         ("cold: naive load-then-compute (reference)", cmed["naive"], 1.0),
-        ("cold: streamed, mmap zero-copy", cmed["streamed"], cmed["streamed"] / cmed["naive"]),
-        ("cold: streamed, read into buffers", cmed["streamed_read"], cmed["streamed_read"] / cmed["naive"]),
+        ("cold: streamed, mmap zero-copy", cmed["streamed"], r["cold_ratio_streamed_vs_naive"]),
+        ("cold: streamed, read into buffers", cmed["streamed_read"], r["cold_ratio_streamed_read_vs_naive"]),
     ]
-    for name, t, r in rows:
-        print(f"{name:<44} {t:>8.3f} {r:>6.3f}x")
+    print("(ratio: median over rounds of the ratio within a round)")
+    for name, t, x in rows:
+        print(f"{name:<44} {t:>8.3f} {x:>6.3f}x")
+    print(f"hot: the streamed forward waited for weights {hot_stats.stall_s:.3f} s "
+          f"({results['hot_stall_share']:.1%} of its time)")  # fmt: skip
     print(f"cold: naive spends {results['cold_naive_load_s']:.3f} s loading; streamed stalls "
           f"{cold_pick.stall_s:.3f} s of {cold_pick.transfer_s:.3f} s transfer (overlap {cold_pick.overlap:.0%})")  # fmt: skip
     print("peak anonymous memory during a forward (MB): "
@@ -364,10 +422,14 @@ def gpu_bench(quick: bool) -> dict[str, Any]:
 
     # compute with the weights resident: 4 layers on the device, called in turn n_layers times
     resident_stack = [make_layer(i).to(dev) for i in range(min(4, n_layers))]
-    compute_s = cuda_time(lambda: run([resident_stack[i % len(resident_stack)] for i in range(n_layers)]), reps)
-    del resident_stack
+    in_turn = [resident_stack[i % len(resident_stack)] for i in range(n_layers)]
+    compute_s = cuda_time(lambda: run(in_turn), reps)
+    in_turn.clear()
+    resident_stack.clear()
 
-    off = offload(layers, source, dev, prefetch_depth=3, max_resident_bytes=RESIDENT_LAYERS * (layer_bytes + (1 << 20)))
+    off = offload(
+        layers, source, dev, prefetch_depth=3, max_resident_bytes=RESIDENT_LAYERS * (layer_bytes + (1 << 20))
+    )
     streamed_s = cuda_time(lambda: run(layers), reps)
     off.reset_stats()
     run(layers)
@@ -403,7 +465,9 @@ def gpu_bench(quick: bool) -> dict[str, Any]:
     }
     print(f"\nGPU: {results['device']}, {n_layers} Llama-7B layers bf16 ({layer_bytes / 1e6:.0f} MB each), "
           f"{tokens} tokens, <= {RESIDENT_LAYERS} layers on the device")  # fmt: skip
-    print(f"plain pinned copy_: {copy_s:.3f} s ({copy_bw / 1e9:.1f} GB/s); compute resident: {compute_s:.3f} s")
+    print(
+        f"plain pinned copy_: {copy_s:.3f} s ({copy_bw / 1e9:.1f} GB/s); compute resident: {compute_s:.3f} s"
+    )
     print(f"streamed: {streamed_s:.3f} s ({results['streamed_effective_GBps']:.1f} GB/s, "
           f"{results['bandwidth_share_of_plain_copy']:.0%} of plain copy); vs max(compute, transfer): "
           f"{results['streamed_vs_bound']:.3f}x; accelerate cpu_offload: {accel_s:.3f} s")  # fmt: skip
@@ -414,7 +478,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fast smoke run")
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement
+    parser.add_argument("--tokens", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        run_probe(args.probe, args.tokens, args.budget)
+        return
     results: dict[str, Any] = {"command": " ".join(sys.argv), "quick": args.quick}
     if not args.skip_cpu:
         results["cpu"] = cpu_bench(args.quick)

@@ -13,23 +13,26 @@ class CacheOverflowError(RuntimeError):
 class KVCache:
     def __init__(
         self,
-        shapes: list[tuple[int, int]],
+        shapes: list[tuple[int, ...]],
         batch_size: int,
         max_seq_len: int,
         *,
         device: torch.device | str,
         dtype: torch.dtype,
     ) -> None:
-        """`shapes[i]` is (key/value heads, head_dim) of the part's i-th layer."""
+        """`shapes[i]` is (key/value heads, head_dim) of the part's i-th layer, or (heads, key dim, value dim)
+        when values differ from keys (DeepSeek's MLA caches its compressed latent as keys and no values)."""
         if batch_size < 1 or max_seq_len < 1:
             raise ValueError(
                 f"setup_cache: batch_size and max_seq_len must be >= 1, got {batch_size}, {max_seq_len}"
             )
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.keys = [
-            torch.zeros(batch_size, h, max_seq_len, d, device=device, dtype=dtype) for h, d in shapes
+            torch.zeros(batch_size, s[0], max_seq_len, s[1], device=device, dtype=dtype) for s in shapes
         ]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.values = [
+            torch.zeros(batch_size, s[0], max_seq_len, s[-1], device=device, dtype=dtype) for s in shapes
+        ]
         self.valid = torch.ones(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self.seq_len = 0
         self.has_padding = False
@@ -69,7 +72,7 @@ class KVCache:
         """A larger cache holding the same contents (for callers that grow on demand)."""
         k0 = self.keys[0] if self.keys else self.valid
         new = KVCache(
-            [(k.shape[1], k.shape[3]) for k in self.keys],
+            [(k.shape[1], k.shape[3], v.shape[3]) for k, v in zip(self.keys, self.values, strict=True)],
             self.batch_size,
             max_seq_len,
             device=k0.device,

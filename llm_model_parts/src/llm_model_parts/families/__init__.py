@@ -77,7 +77,17 @@ def _load_builtin() -> None:
 
 
 # Families of the second wave (issue 6), one module each.
-_MORE = ("mixtral", "qwen2_moe", "qwen3_moe")
+_MORE = (
+    "falcon",
+    "gpt2",
+    "gptj",
+    "opt",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v3",
+    "llama4",
+)
 
 
 def supported_architectures() -> list[str]:

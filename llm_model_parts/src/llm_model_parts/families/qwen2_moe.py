@@ -18,10 +18,16 @@ from llm_model_parts.layers.moe import QwenSparseMoe
 from llm_model_parts.layers.norm import RMSNorm
 
 
+def num_experts(config: ModelConfig) -> int:
+    """`num_experts` (Qwen2-MoE's name) or `num_local_experts` (what transformers 5 writes for Qwen3-MoE)."""
+    raw = config.raw
+    return int(raw.get("num_experts", raw.get("num_local_experts")) or 0)
+
+
 def is_sparse(config: ModelConfig, i: int) -> bool:
     raw = config.raw
     step = int(raw.get("decoder_sparse_step") or 1)
-    experts = int(raw.get("num_experts") or 0)
+    experts = num_experts(config)
     return i not in (raw.get("mlp_only_layers") or []) and experts > 0 and (i + 1) % step == 0
 
 
@@ -32,7 +38,7 @@ def moe_mlp(config: ModelConfig, i: int, *, shared: bool) -> nn.Module:
     return QwenSparseMoe(
         config.hidden_size,
         int(raw["moe_intermediate_size"]),
-        int(raw["num_experts"]),
+        num_experts(config),
         int(raw.get("num_experts_per_tok") or 4),
         config.hidden_act,
         norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
