@@ -142,7 +142,9 @@ TINY_CONFIGS.update(
             tie_word_embeddings=False,
             **_GPT_BASE,
         ),
-        "gptj": dict(model_type="gptj", n_embd=64, n_layer=4, n_head=4, rotary_dim=8, n_positions=128, **_GPT_BASE),
+        "gptj": dict(
+            model_type="gptj", n_embd=64, n_layer=4, n_head=4, rotary_dim=8, n_positions=128, **_GPT_BASE
+        ),
         "opt": dict(
             model_type="opt",
             hidden_size=64,

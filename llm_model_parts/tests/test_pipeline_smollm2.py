@@ -74,3 +74,29 @@ def test_three_processes_equal_one(smollm2_sepweight: Path, tmp_path: Path) -> N
     # the greedy tokens of the manual loop agree with llm_sampler's too
     manual = torch.stack([got[f"step{i}"][:, -1].argmax(-1) for i in range(job["steps"] - 1)], 1)
     assert torch.equal(manual, got["generated"][:, -job["steps"] + 1 :])
+
+
+def test_serve_launcher_plans_and_generates(smollm2_sepweight: Path) -> None:
+    """`python -m llm_model_parts.serve --plan auto` on 2 processes prints the one-process greedy text."""
+    from tokenizers import Tokenizer
+
+    import llm_sampler
+    from llm_model_parts import load_part
+
+    prompt = "The capital of France is"
+    argv = [
+        sys.executable, "-m", "llm_model_parts.serve", "--model", str(smollm2_sepweight), "--plan", "auto",
+        "--memory", "2GiB", "--max-seq-len", "64", "--prompt", prompt, "--max-new-tokens", "6", "--timeout", "60",
+    ]  # fmt: skip
+    results = support.launch([argv] * 2, wall=240)
+    for r in results:
+        assert r.returncode == 0, f"rank {r.rank} failed:\n{r.output[-4000:]}"
+    tok = Tokenizer.from_file(str(smollm2_sepweight / "tokenizer.json"))
+    part = load_part(smollm2_sepweight, "f", dtype=torch.float32)
+    gen = llm_sampler.generate(
+        part.as_forward_func(max_seq_len=64), [tok.encode(prompt).ids], 6, temperature=0
+    )
+    new = [t for t in gen.new_tokens[0].tolist()]
+    expected = prompt + tok.decode(new[: next((i for i, t in enumerate(new) if t == 2), len(new))])
+    assert expected in results[0].output, results[0].output[-3000:]
+    assert "plan: ['b 0-" in results[0].output  # --plan auto chose the split

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline_support as toy
 
-from llm_model_parts.pipeline import PipelineDriver, _check_input
-from llm_model_parts.stage import StageInfo, _check_chain
+from llm_model_parts.pipeline import PipelineDriver, backend_for
+from llm_model_parts.stage import StageInfo, _check_chain, _check_input, _link_device
 from llm_model_parts.transport import Command, Header, PipelineError
 
 WALL = 90.0  # hard wall clock per launch: a hanging pipeline fails the test instead of the CI job
@@ -39,6 +39,14 @@ def _info(spec: str, begin: bool, layers: tuple[int, int], end: bool, **kw: obje
     base = dict(num_layers=6, hidden_size=16, vocab_size=50, dtype="float32", device="cpu", max_seq_len=64)
     base.update(kw)
     return StageInfo(spec, begin, layers, end, **base)  # type: ignore[arg-type]
+
+
+def test_payloads_use_nccl_only_between_two_cuda_ranks() -> None:
+    assert _link_device("cuda:1", "cuda:0") == torch.device("cuda:1")
+    assert _link_device("cuda:0", "cpu") == torch.device("cpu")
+    assert _link_device("cpu", "cuda:0") == torch.device("cpu")
+    assert backend_for("cuda:0") == "cpu:gloo,cuda:nccl"
+    assert backend_for("cpu") == "gloo"
 
 
 def test_chain_errors_name_the_rank_and_layer() -> None:

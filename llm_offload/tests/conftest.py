@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,15 @@ def tiny_llama_path() -> Path:
     return Path(fixtures.tiny_checkpoint("llama"))
 
 
-@pytest.fixture
-def tiny_llama(tiny_llama_path: Path) -> Any:
-    """A fresh model per test: offloading changes the model it is given."""
-    return load_hf(tiny_llama_path)
-
-
 @pytest.fixture(scope="session")
 def reference_llama(tiny_llama_path: Path) -> Any:
     return load_hf(tiny_llama_path)
+
+
+@pytest.fixture
+def tiny_llama(reference_llama: Any) -> Any:
+    """A fresh copy per test: offloading changes the model it is given."""
+    return copy.deepcopy(reference_llama)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from fake_backend import FakeDeviceBackend
 
-from llm_offload import CpuSource, Offload, SepweightSource, offload
+from llm_offload import CpuSource, Offload, SepweightSource, move_resident, offload
 
 
 def prefill_and_decode(model: Any, ids: torch.Tensor, steps: int = 3) -> list[torch.Tensor]:
@@ -122,3 +122,22 @@ def test_remove_materialize(tiny_llama: Any, tiny_llama_sepweight: Path, want: l
     assert not layers[0]._forward_pre_hooks
     assert all(p.device.type == "cpu" for p in layers.parameters())
     assert_same(prefill_and_decode(tiny_llama, IDS), want)
+
+
+def test_generate_and_move_resident(
+    tiny_llama: Any, reference_llama: Any, tiny_llama_sepweight: Path
+) -> None:
+    layers = tiny_llama.model.layers
+    off = offload(
+        layers,
+        SepweightSource(tiny_llama_sepweight),
+        "cpu",
+        max_resident_bytes=3 * layer_bytes(tiny_llama) + 4096,
+    )
+    move_resident(tiny_llama, "cpu")  # a no-op on CPU, and it must not touch the meta weights
+    assert all(p.device.type == "meta" for p in layers.parameters())
+    with torch.no_grad():
+        got = tiny_llama.generate(IDS, max_new_tokens=6, do_sample=False)
+        want = reference_llama.generate(IDS, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+    off.remove()

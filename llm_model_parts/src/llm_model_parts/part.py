@@ -40,6 +40,9 @@ def _attention_of(layer: nn.Module) -> Any:
 class Part(nn.Module):
     """A part of a model. Build one with `load_part(path, spec)` or `Part.from_config(config, spec, weights)`."""
 
+    _begin: Any  # a family's own `layers.ends.Begin` (GPT-2, Falcon, OPT ...), else None
+    _end: Any  # ... and `layers.ends.End`
+
     def __init__(self, config: ModelConfig, spec: PartSpec, *, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.config = config
@@ -164,7 +167,9 @@ class Part(nn.Module):
         self._tie()
 
     def _tie(self) -> None:
-        embeddings = self._begin.input_embeddings if self._begin is not None else self.embed_tokens
+        embeddings: nn.Embedding | None = (
+            self._begin.input_embeddings if self._begin is not None else self.embed_tokens
+        )
         if self.config.tie_word_embeddings and embeddings is not None and self.lm_head is not None:
             self.lm_head.weight = embeddings.weight
 
@@ -172,7 +177,9 @@ class Part(nn.Module):
         parts = name.split(".")
         if parts[0] == "layers" and len(parts) > 2 and parts[1].isdigit():
             return f"tensor {'.'.join(parts[2:])!r} of layer {self.layer_indices[int(parts[1])]}"
-        begin_names = dict(self._begin.named_children()) if self._begin is not None else {"embed_tokens": None}
+        begin_names = (
+            dict(self._begin.named_children()) if self._begin is not None else {"embed_tokens": None}
+        )
         section = "begin" if parts[0] in begin_names else "end"
         return f"{section} tensor {name!r}"
 
@@ -321,7 +328,9 @@ class Part(nn.Module):
         return {name: rotary(positions, dtype) for name, rotary in self.rotary.items()}
 
     def _input(
-        self, x: torch.Tensor | None, inputs_embeds: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if self.spec.begin:
             full = isinstance(inputs_embeds, torch.Tensor) and inputs_embeds.dim() == 3

@@ -25,11 +25,16 @@ import torch
 import torch.distributed as dist
 
 from llm_model_parts.stage import (
+    _OUT_LAST,
+    _OUT_LOGITS,
+    _OUT_NONE,
+    OUTPUTS,
     Stage,
-    StageForward,
     StageInfo,
+    _Caches,
     _check_chain,
     _link_device,
+    _select,
     handshake,
     load_stage,
 )
@@ -42,160 +47,25 @@ from llm_model_parts.transport import (
     PipelineError,
     RemoteError,
     decode_text,
-    encode_text,
 )
+from llm_model_parts.worker import run_worker
 
 logger = logging.getLogger(__name__)
 
-OUTPUTS = ("logits", "last", "argmax")
-_OUT_LOGITS, _OUT_LAST, _OUT_ARGMAX, _OUT_NONE = 0, 1, 2, 3
-
-
-# --- the stages -------------------------------------------------------------------------------------------------
-
-
-class _Caches:
-    """One incremental forward per micro-batch, created on first use and kept across resets."""
-
-    def __init__(self, stage: Stage) -> None:
-        self.stage = stage
-        self.forwards: dict[int, StageForward] = {}
-
-    def get(self, item: int) -> StageForward:
-        f = self.forwards.get(item)
-        if f is None:
-            f = self.forwards[item] = self.stage.new_forward()
-        return f
-
-    def reset(self) -> None:
-        for f in self.forwards.values():
-            f.reset()
-
-    def rewind(self, n: int) -> None:
-        for f in self.forwards.values():
-            f.rewind(n)
-
-
-def _check_input(info: StageInfo, x: torch.Tensor, sender: int) -> None:
-    """A readable error when what arrives is not what this stage takes."""
-    if info.begin:
-        if x.dtype != torch.int64 or x.dim() != 2:
-            raise PipelineError(
-                f"rank holding {info.spec!r} (begin) expects token ids int64 [B, T], "
-                f"rank {sender} sent {x.dtype} {list(x.shape)}"
-            )
-        return
-    if x.dim() != 3 or x.shape[-1] != info.hidden_size or x.dtype != info.torch_dtype:
-        raise PipelineError(
-            f"rank holding {info.spec!r} expects hidden states {info.dtype} [B, T, {info.hidden_size}], "
-            f"rank {sender} sent {str(x.dtype).removeprefix('torch.')} {list(x.shape)}: "
-            "do all ranks load the same model with the same dtype?"
-        )
-
-
-def _select(y: torch.Tensor, mode: int) -> list[torch.Tensor]:
-    if mode == _OUT_LAST:
-        return [y[:, -1:]]
-    if mode == _OUT_ARGMAX:
-        return [y.argmax(-1)]
-    if mode == _OUT_NONE:
-        return []
-    return [y]
-
-
-def run_worker(
-    stage: Stage,
-    *,
-    rank: int | None = None,
-    world: int | None = None,
-    timeout: float = 60.0,
-    startup_timeout: float | None = None,
-) -> None:
-    """Serve one stage of the pipeline (any rank but 0) until rank 0 shuts it down.
-
-    Raises PipelineError when a neighbour dies, hangs past `timeout`, or sends something this stage cannot
-    take; before raising it tells the ranks downstream (and so rank 0) what happened.
-    """
-    rank = dist.get_rank() if rank is None else rank
-    world = dist.get_world_size() if world is None else world
-    if rank == 0:
-        raise ValueError("run_worker serves ranks 1..n-1; rank 0 drives the pipeline with PipelineDriver")
-    infos = handshake(stage.info, rank, world, timeout=startup_timeout or timeout)
-    last = rank == world - 1
-    me = stage.info.device
-    inbox = Link(rank - 1, TAG_DOWN, timeout, _link_device(me, infos[rank - 1].device))
-    nxt = 0 if last else rank + 1
-    outbox = Link(nxt, TAG_RETURN if last else TAG_DOWN, timeout, _link_device(me, infos[nxt].device))
-    caches = _Caches(stage)
-    device = torch.device(stage.info.device)
-    logger.info("rank %d serving %r on %s", rank, stage.info.spec, device)
-    try:
-        _serve(stage, caches, inbox, outbox, device, rank, last)
-    except PipelineError as e:
-        _tell_downstream(outbox, f"rank {rank} ({stage.info.spec!r}): {e}", e)
-        raise
-    except Exception as e:
-        msg = f"rank {rank} ({stage.info.spec!r}) raised {type(e).__name__}: {e}"
-        _tell_downstream(outbox, msg, e)
-        raise PipelineError(msg) from e
-    finally:
-        caches.forwards.clear()
-
-
-def _tell_downstream(outbox: Link, msg: str, cause: BaseException) -> None:
-    if isinstance(cause, RemoteError):
-        msg = str(cause)  # already says where it came from
-    try:
-        outbox.send(Header(Command.ERROR), [encode_text(msg)])
-        outbox.flush(min(outbox.timeout, 5.0))
-    except PipelineError:
-        pass  # the downstream rank is gone too; its neighbours will notice
-
-
-def _serve(
-    stage: Stage, caches: _Caches, inbox: Link, outbox: Link, device: torch.device, rank: int, last: bool
-) -> None:
-    info = stage.info
-    while True:
-        header, tensors = inbox.recv()
-        cmd = header.command
-        if cmd == Command.FORWARD:
-            x = tensors[0].to(device)
-            _check_input(info, x, inbox.peer)
-            mask = tensors[1].to(device).long() if len(tensors) > 1 else None
-            y = caches.get(header.item)(x, attention_mask=mask)
-            if last:
-                outbox.send(Header(Command.RESULT, header.item, header.arg), _select(y, header.arg))
-            else:
-                outbox.send(Header(Command.FORWARD, header.item, header.arg), [y, *tensors[1:]])
-        elif cmd == Command.PACKED:
-            x = tensors[0].to(device)
-            _check_input(info, x, inbox.peer)
-            pos, tree = tensors[1].to(device), tensors[2].to(device).bool()
-            y = caches.get(header.item).forward_packed(x, pos, tree)  # type: ignore[attr-defined]
-            if last:
-                outbox.send(Header(Command.RESULT, header.item, header.arg), _select(y, header.arg))
-            else:
-                outbox.send(Header(Command.PACKED, header.item, header.arg), [y, *tensors[1:]])
-        elif cmd in (Command.RESET, Command.REWIND):
-            if cmd == Command.RESET:
-                caches.reset()
-            else:
-                caches.rewind(header.arg)
-            if not last:
-                outbox.send(header)
-        elif cmd == Command.PING:
-            outbox.send(Header(Command.PONG if last else Command.PING, arg=header.arg))
-        elif cmd == Command.SHUTDOWN:
-            outbox.send(header)
-            outbox.flush()
-            logger.info("rank %d: shut down by rank 0", rank)
-            return
-        elif cmd == Command.ERROR:
-            raise RemoteError(decode_text(tensors))
-        else:
-            raise PipelineError(f"rank {rank}: unexpected command {cmd.name} from rank {inbox.peer}")
-
+__all__ = [
+    "OUTPUTS",
+    "PipelineDriver",
+    "PipelineError",
+    "RemoteError",
+    "Stage",
+    "StageInfo",
+    "backend_for",
+    "init_distributed",
+    "load_stage",
+    "parse_plan",
+    "run_worker",
+    "start_pipeline",
+]
 
 # --- rank 0 ----------------------------------------------------------------------------------------------------
 
@@ -498,6 +368,11 @@ class _Guard:
         self.driver._lock.release()
         if isinstance(exc, PipelineError):
             self.driver._fail(exc)
+        elif exc is not None:
+            # some micro-batches may be in flight: the ranks' caches no longer agree
+            self.driver._fail(
+                PipelineError(f"a call failed half-way ({type(exc).__name__}: {exc}); restart the pipeline")
+            )
 
 
 def _driver_only_info() -> StageInfo:
@@ -507,17 +382,23 @@ def _driver_only_info() -> StageInfo:
 # --- one call for everything ------------------------------------------------------------------------------------
 
 
+def backend_for(device: str | torch.device) -> str:
+    """gloo for CPU tensors; on CUDA, NCCL for CUDA tensors and gloo for the CPU headers."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def init_distributed(*, device: str | torch.device, timeout: float) -> bool:
     """Join the process group torchrun describes (env://); returns False when it was joined already."""
     if dist.is_initialized():
         return False
     from datetime import timedelta
 
-    backend = "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+    device = torch.device(device)
     kwargs: dict[str, Any] = {}
-    if torch.device(device).type == "cuda":
-        kwargs["device_id"] = torch.device(device)
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout), **kwargs)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    dist.init_process_group(backend=backend_for(device), timeout=timedelta(seconds=timeout), **kwargs)
     return True
 
 

@@ -238,6 +238,59 @@ def _link_device(a: str, b: str) -> torch.device:
     return torch.device("cpu")
 
 
+OUTPUTS = ("logits", "last", "argmax")
+_OUT_LOGITS, _OUT_LAST, _OUT_ARGMAX, _OUT_NONE = 0, 1, 2, 3
+
+
+class _Caches:
+    """One incremental forward per micro-batch, created on first use and kept across resets."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.forwards: dict[int, StageForward] = {}
+
+    def get(self, item: int) -> StageForward:
+        f = self.forwards.get(item)
+        if f is None:
+            f = self.forwards[item] = self.stage.new_forward()
+        return f
+
+    def reset(self) -> None:
+        for f in self.forwards.values():
+            f.reset()
+
+    def rewind(self, n: int) -> None:
+        for f in self.forwards.values():
+            f.rewind(n)
+
+
+def _check_input(info: StageInfo, x: torch.Tensor, sender: int) -> None:
+    """A readable error when what arrives is not what this stage takes."""
+    if info.begin:
+        if x.dtype != torch.int64 or x.dim() != 2:
+            raise PipelineError(
+                f"rank holding {info.spec!r} (begin) expects token ids int64 [B, T], "
+                f"rank {sender} sent {x.dtype} {list(x.shape)}"
+            )
+        return
+    if x.dim() != 3 or x.shape[-1] != info.hidden_size or x.dtype != info.torch_dtype:
+        raise PipelineError(
+            f"rank holding {info.spec!r} expects hidden states {info.dtype} [B, T, {info.hidden_size}], "
+            f"rank {sender} sent {str(x.dtype).removeprefix('torch.')} {list(x.shape)}: "
+            "do all ranks load the same model with the same dtype?"
+        )
+
+
+def _select(y: torch.Tensor, mode: int) -> list[torch.Tensor]:
+    if mode == _OUT_LAST:
+        return [y[:, -1:]]
+    if mode == _OUT_ARGMAX:
+        return [y.argmax(-1)]
+    if mode == _OUT_NONE:
+        return []
+    return [y]
+
+
 def load_stage(
     model: str | Any, spec: str, *, device: torch.device, dtype: torch.dtype | None, max_seq_len: int
 ) -> Stage:

@@ -83,10 +83,8 @@ def _probs(selector: TokenSelector, prefix: torch.Tensor, logits: torch.Tensor) 
 
 
 def _catch_up(caller: Caller, seen: list[int], seq: list[int]) -> None:
-    """Rewind an incremental forward_func to the longest prefix it saw that `seq` shares (always leaving at
-    least one token of `seq` to send)."""
-    if not caller.incremental:
-        return
+    """Rewind a forward_func to the longest prefix it saw that `seq` shares (always leaving at least one
+    token of `seq` to send); a stateless one then returns the logits of the positions from there on."""
     common = 0
     for a, b in zip(seen[: caller.sent], seq, strict=False):
         if a != b:
@@ -139,7 +137,7 @@ def _run(
                 seq = torch.cat([seq, torch.tensor([[tok]], device=ids.device)], 1)
         seq = torch.cat([ids, torch.tensor([drafts], dtype=torch.long, device=ids.device)], 1) if drafts else ids
         _catch_up(tcall, t_seen, seq[0].tolist())
-        n_out = seq.shape[1] - tcall.sent if tcall.incremental else seq.shape[1]
+        n_out = seq.shape[1] - tcall.sent
         out = tcall(seq, None)
         t_seen = seq[0].tolist()
         if n_out < len(drafts) + 1:

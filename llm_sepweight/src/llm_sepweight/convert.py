@@ -152,6 +152,8 @@ def _add_tied_head(source: Source, files: dict[str, list[tuple[str, SourceTensor
     end = files.get(fmt.END_FILE, [])
     if any(name == "lm_head.weight" for name, _ in end) or not files.get(fmt.BEGIN_FILE):
         return False
+    if source.kind in ("state_dict", "pth") and not source.config.get("tie_word_embeddings"):
+        return False  # a decider said where everything goes: tie only when the config asks for it
     architecture = str(source.config.get("model_type", "")) or None
     try:
         embedding = rule_for(architecture, [t.name for t in source.tensors]).embedding

@@ -41,7 +41,9 @@ def build_mlp(config: ModelConfig, i: int) -> nn.Module:
 
 def build_layer(config: ModelConfig, i: int) -> nn.Module:
     h, eps = config.hidden_size, config.rms_norm_eps
-    return DecoderLayer(MLAttention(config, i), build_mlp(config, i), RMSNorm(h, eps=eps), RMSNorm(h, eps=eps))
+    return DecoderLayer(
+        MLAttention(config, i), build_mlp(config, i), RMSNorm(h, eps=eps), RMSNorm(h, eps=eps)
+    )
 
 
 def normalize(config: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +53,9 @@ def normalize(config: dict[str, Any]) -> dict[str, Any]:
     for name in ("topk_method", "scoring_func"):
         value = out.get(name)
         if value is not None and value not in ("noaux_tc", "sigmoid"):
-            raise ValueError(f"config field {name}={value!r} is not supported (DeepSeek-V3 uses noaux_tc / sigmoid)")
+            raise ValueError(
+                f"config field {name}={value!r} is not supported (DeepSeek-V3 uses noaux_tc / sigmoid)"
+            )
     return out
 
 

@@ -24,7 +24,9 @@ class FalconAttention(VariantAttention):
         self.new_decoder_architecture = bool(raw.get("new_decoder_architecture"))
         self.multi_query = bool(raw.get("multi_query", True))
         alibi = bool(raw.get("alibi"))
-        super().__init__(config, i, rope=None if alibi else "half", alibi=alibi, qkv_bias=bool(raw.get("bias")))
+        super().__init__(
+            config, i, rope=None if alibi else "half", alibi=alibi, qkv_bias=bool(raw.get("bias"))
+        )
 
     def _make_projections(self, config: ModelConfig, qkv_bias: bool, o_bias: bool) -> None:
         h, d = config.hidden_size, self.head_dim

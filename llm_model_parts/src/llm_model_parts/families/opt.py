@@ -37,7 +37,9 @@ class OPTAttention(VariantAttention):
 
 
 def _layer_norm(config: ModelConfig) -> nn.LayerNorm:
-    return nn.LayerNorm(config.hidden_size, elementwise_affine=bool(config.raw.get("layer_norm_elementwise_affine", True)))
+    return nn.LayerNorm(
+        config.hidden_size, elementwise_affine=bool(config.raw.get("layer_norm_elementwise_affine", True))
+    )
 
 
 class OPTDecoderLayer(nn.Module):
@@ -92,7 +94,11 @@ def build_end(config: ModelConfig) -> nn.Module:
     final_norm = raw.get("do_layer_norm_before", True) and not raw.get("_remove_final_layer_norm", False)
     norm = _layer_norm(config) if final_norm else None
     return End(
-        norm, config.hidden_size, config.vocab_size, norm_name="final_layer_norm", project_out=_projection(config)
+        norm,
+        config.hidden_size,
+        config.vocab_size,
+        norm_name="final_layer_norm",
+        project_out=_projection(config),
     )
 
 

@@ -32,7 +32,9 @@ def layer_types(config: Mapping[str, Any]) -> list[str]:
     n = int(config["num_hidden_layers"])
     first = int(config.get("max_window_layers") or 0)
     on = bool(config.get("use_sliding_window"))
-    return explicit_or(config, ["sliding_attention" if on and i >= first else "full_attention" for i in range(n)])
+    return explicit_or(
+        config, ["sliding_attention" if on and i >= first else "full_attention" for i in range(n)]
+    )
 
 
 FAMILY = Family(

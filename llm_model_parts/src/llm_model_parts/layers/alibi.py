@@ -17,7 +17,9 @@ def alibi_slopes(num_heads: int, device: torch.device | str | None = None) -> to
     if closest != num_heads:
         extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
         remaining = min(closest, num_heads - closest)
-        extra = torch.pow(torch.tensor(extra_base, device=device), torch.arange(1, 1 + 2 * remaining, 2, device=device))
+        extra = torch.pow(
+            torch.tensor(extra_base, device=device), torch.arange(1, 1 + 2 * remaining, 2, device=device)
+        )
         slopes = torch.cat([slopes, extra])
     return slopes.float()
 

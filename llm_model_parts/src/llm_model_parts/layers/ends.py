@@ -96,7 +96,9 @@ def merge_positions(
         embeds, mask = inputs_embeds
         mask = mask.to(device=ids.device, dtype=torch.bool)
         if mask.shape != ids.shape:
-            raise ValueError(f"inputs_embeds mask must have the ids' shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"inputs_embeds mask must have the ids' shape {tuple(ids.shape)}, got {tuple(mask.shape)}"
+            )
     else:
         raw = getattr(config, "raw", {})
         token = raw.get("image_token_id", raw.get("image_token_index"))

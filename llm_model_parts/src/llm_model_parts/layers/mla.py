@@ -53,7 +53,9 @@ class MLAttention(nn.Module):
             self.q_b_proj = nn.Linear(int(self.q_lora_rank), self.num_heads * qk_head, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_head_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.nope + self.v_head_dim), bias=False
+        )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=bias)
         self.scaling = qk_head**-0.5
         rope = config.rope_parameters[self.layer_type]
@@ -95,7 +97,9 @@ class MLAttention(nn.Module):
             out = torch.einsum("bthl,hvl->bhtv", out_lat, w_v)
         else:
             length = latents.shape[2]
-            kv_full = self.kv_b_proj(latents[:, 0, :, : self.kv_lora_rank]).view(b, length, self.num_heads, -1)
+            kv_full = self.kv_b_proj(latents[:, 0, :, : self.kv_lora_rank]).view(
+                b, length, self.num_heads, -1
+            )
             k_nope, v = kv_full.transpose(1, 2).split([self.nope, self.v_head_dim], dim=-1)
             k_pe = latents[..., self.kv_lora_rank :].expand(b, self.num_heads, length, self.rope_dim)
             k = torch.cat((k_nope, k_pe), dim=-1)

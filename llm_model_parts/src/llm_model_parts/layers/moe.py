@@ -2,7 +2,7 @@
 expert dispatch by sorting tokens per expert.
 
 `dispatch` never loops over tokens: the (token, slot) pairs are sorted by expert, each expert that received
-tokens runs once on its contiguous block, and the outputs are scattered back with one `index_add_`.
+tokens runs once on its contiguous block, and one gather puts the outputs back in token order.
 Experts are HF's own submodules (`experts.0.gate_proj` ... or the fused 3-D tensors Llama 4 stores), so a
 layer's state dict loads with `assign=True` and a part only ever holds the experts of its own layers.
 """
@@ -21,7 +21,11 @@ ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def dispatch(
-    x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, expert: ExpertFn, num_experts: int
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    expert: ExpertFn,
+    num_experts: int,
 ) -> torch.Tensor:
     """x (N, hidden), top_k_index / top_k_weights (N, K) -> sum_k weight * expert_k(x), shape (N, hidden).
 
@@ -30,10 +34,9 @@ def dispatch(
     n, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (N*K,) (token, slot) pairs grouped by expert
-    tokens = order // k
     weights = top_k_weights.reshape(-1)[order]
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # one host sync per layer
-    rows = x[tokens]  # (N*K, hidden), rows of one expert are contiguous
+    rows = x[order // k]  # (N*K, hidden), rows of one expert are contiguous
     outputs = []
     offset = 0
     for e, count in enumerate(counts):
@@ -41,10 +44,10 @@ def dispatch(
             block = slice(offset, offset + count)
             outputs.append(expert(e, rows[block]) * weights[block, None].to(x.dtype))
             offset += count
-    out = torch.zeros_like(x)
-    if outputs:
-        out.index_add_(0, tokens, torch.cat(outputs))
-    return out
+    if not outputs:
+        return torch.zeros_like(x)
+    # back to (token, slot) order with a gather (a scatter-add is slow on CPU), then sum the k slots
+    return torch.cat(outputs).index_select(0, torch.argsort(order)).view(n, k, -1).sum(dim=1)
 
 
 def softmax_top_k(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +120,9 @@ class QwenSparseMoe(nn.Module):
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
         self.gate = nn.Linear(hidden, num_experts, bias=False)
-        self.experts = ExpertList(num_experts, hidden, intermediate, act, ("gate_proj", "up_proj", "down_proj"))
+        self.experts = ExpertList(
+            num_experts, hidden, intermediate, act, ("gate_proj", "up_proj", "down_proj")
+        )
         self.shared_expert = GatedMLP(hidden, shared_intermediate, act) if shared_intermediate else None
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_intermediate else None
 
@@ -171,7 +176,9 @@ class DeepseekTopkRouter(nn.Module):
 class DeepseekMoe(nn.Module):
     """DeepSeek-V3's MoE `mlp`: `gate` (router), `experts.<e>.gate_proj/up_proj/down_proj`, `shared_experts`."""
 
-    def __init__(self, hidden: int, intermediate: int, n_shared: int, act: str, router: DeepseekTopkRouter) -> None:
+    def __init__(
+        self, hidden: int, intermediate: int, n_shared: int, act: str, router: DeepseekTopkRouter
+    ) -> None:
         super().__init__()
         self.num_experts = router.num_experts
         self.gate = router
