@@ -9,8 +9,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-import fixtures  # noqa: E402
-from tiny_configs import TINY_CONFIGS  # noqa: E402
+import fixtures
+from tiny_configs import TINY_CONFIGS
 
 __all__ = ["TINY_CONFIGS", "fixtures", "hf_positions", "left_padded"]
 

@@ -18,6 +18,13 @@ from llm_model_parts.layers.moe import dispatch
 TOL = 1e-4
 
 
+def stored_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors as stored (transformers 5 fuses some MoE experts in memory, not on disk)."""
+    from safetensors.torch import load_file
+
+    return {k: v for shard in sorted(path.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+
 def test_dispatch_equals_a_dense_loop_with_unused_experts() -> None:
     """Reference: every token through every expert it chose, summed with its weight (a plain loop)."""
     torch.manual_seed(0)
@@ -102,6 +109,15 @@ def test_image_embeddings_enter_the_chain_like_hf_inputs_embeds(name: str) -> No
     torch.testing.assert_close(out_full[real], ref[real], atol=TOL, rtol=0)
     with pytest.raises(ValueError, match="marked positions"):
         parts.parts[0](ids, inputs_embeds=(vision[:-1], image))
+    with pytest.raises(ValueError, match="image_token_id"):
+        parts.parts[0](ids, inputs_embeds=vision)
+    # embeds alone go where the ids hold the config's image token (here one past the text vocabulary)
+    from llm_model_parts import Part
+
+    begin = Part.from_config({**config, "image_token_id": 256}, "b 0-1", stored_tensors(path))
+    with torch.inference_mode():
+        by_token = begin(ids.masked_fill(image, 256), attention_mask=mask, inputs_embeds=vision)
+    torch.testing.assert_close(by_token, first, atol=0, rtol=0)
 
 
 SEPWEIGHT = [
@@ -132,3 +148,22 @@ def test_llm_sepweight_converts_and_parts_load_from_it(name: str, tmp_path: Path
         parts = chain([load_part(out, "b 0-2"), load_part(out, f"2-{n} e")])
         got = parts(ids, attention_mask=mask)
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt-350m-style", "falcon-7b-style", "gptj"])
+def test_from_config_takes_a_flat_hf_state_dict(name: str) -> None:
+    """`Part.from_config(config, spec, hf_model.state_dict())` for families whose names are not Llama's."""
+    from llm_model_parts import Part
+
+    path = fixtures.tiny_checkpoint(name)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = json.loads((path / "config.json").read_text())
+    n = config.get("num_hidden_layers", config.get("n_layer"))
+    state = hf.state_dict()
+    parts = chain([Part.from_config(config, "b 0-1", state), Part.from_config(config, f"1-{n} e", state)])
+    ids, mask = left_padded(256, [9, 6])
+    with torch.inference_mode():
+        ref = hf(ids, attention_mask=mask, position_ids=hf_positions(mask)).logits
+        got = parts(ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], atol=TOL, rtol=0)

@@ -47,7 +47,9 @@ def test_prefill_and_cached_decode_match_transformers(name: str) -> None:
     real = mask.bool()
     with torch.inference_mode():
         cache = DynamicCache(config=hf.config)
-        ref = hf(ids, attention_mask=mask, position_ids=hf_positions(mask), past_key_values=cache, use_cache=True).logits
+        ref = hf(
+            ids, attention_mask=mask, position_ids=hf_positions(mask), past_key_values=cache, use_cache=True
+        ).logits
         for f in funcs:
             torch.testing.assert_close(f(ids, attention_mask=mask)[real], ref[real], atol=TOL, rtol=0)
         ours_next = ref_next = ref[:, -1].argmax(-1, keepdim=True)
@@ -57,7 +59,9 @@ def test_prefill_and_cached_decode_match_transformers(name: str) -> None:
             our_tokens.append(ours_next)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = hf_positions(mask)[:, -1:]
-            ref = hf(ref_next, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True).logits
+            ref = hf(
+                ref_next, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+            ).logits
             outs = [f(ours_next, attention_mask=mask) for f in funcs]
             for out in outs:
                 torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
@@ -68,7 +72,9 @@ def test_prefill_and_cached_decode_match_transformers(name: str) -> None:
         seq = torch.cat([ids, *ref_tokens], dim=1)
         full.drop_cache()
         ref = hf(seq, attention_mask=mask, position_ids=hf_positions(mask)).logits
-        torch.testing.assert_close(full(seq, attention_mask=mask)[mask.bool()], ref[mask.bool()], atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            full(seq, attention_mask=mask)[mask.bool()], ref[mask.bool()], atol=TOL, rtol=0
+        )
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma3_text"])

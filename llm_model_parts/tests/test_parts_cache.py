@@ -93,7 +93,9 @@ def test_forward_packed_with_padded_batch_uses_row_zero() -> None:
     ids = torch.randint(3, 256, (2, 6))
     f(ids, attention_mask=mask)
     option = torch.randint(3, 256, (1, 3))
-    packed = f.forward_packed(option, torch.arange(4, 7)[None], torch.ones(3, 3, dtype=torch.bool).tril()[None])
+    packed = f.forward_packed(
+        option, torch.arange(4, 7)[None], torch.ones(3, 3, dtype=torch.bool).tril()[None]
+    )
     f.reset()
     single = f(torch.cat([ids[:1, 2:], option], dim=1))[:, -3:]
     torch.testing.assert_close(packed, single, atol=TOL, rtol=0)
@@ -108,7 +110,10 @@ def test_chain_forward_packed_and_rewind() -> None:
     tree = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)[None]
     packed_ids, positions = torch.tensor([[5, 6, 7]]), torch.tensor([[9, 10, 9]])
     torch.testing.assert_close(
-        parts.forward_packed(packed_ids, positions, tree), full.forward_packed(packed_ids, positions, tree), atol=TOL, rtol=0
+        parts.forward_packed(packed_ids, positions, tree),
+        full.forward_packed(packed_ids, positions, tree),
+        atol=TOL,
+        rtol=0,
     )
     parts.rewind(3)
     full.rewind(3)

@@ -52,7 +52,16 @@ def rewrite(name: str, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "name", ["llama-yarn", "llama-llama3", "llama-dynamic", "llama-linear", "phi3-longrope", "gemma3_text", "mistral"]
+    "name",
+    [
+        "llama-yarn",
+        "llama-llama3",
+        "llama-dynamic",
+        "llama-linear",
+        "phi3-longrope",
+        "gemma3_text",
+        "mistral",
+    ],
 )
 def test_old_dialect_equals_new_and_transformers(name: str, tmp_path: Path) -> None:
     new_dir, old_dir = fixtures.tiny_checkpoint(name), rewrite(name, tmp_path)

@@ -87,7 +87,7 @@ def test_missing_tensor_in_checkpoint_dir_fails_at_load(tmp_path: Path) -> None:
             index = json.loads((dst / "model.safetensors.index.json").read_text())
             del index["weight_map"]["model.norm.weight"]
             (dst / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(KeyError, match="norm.weight"):
+    with pytest.raises(KeyError, match=r"norm\.weight"):
         load_part(dst, "3-4 e")
 
 

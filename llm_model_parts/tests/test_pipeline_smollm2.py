@@ -14,8 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import pipeline_support as support
 
-pytest.importorskip("llm_sampler")
-
 
 @pytest.fixture(scope="module")
 def smollm2_sepweight(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -11,20 +11,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fixtures  # noqa: E402
+import fixtures
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP spin-waits on a busy machine
 
 
-def load_hf(path: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+from sampler_testlib import load_hf  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_llama() -> Any:
     return load_hf(fixtures.tiny_checkpoint("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_draft() -> Any:
+    return load_hf(fixtures.tiny_checkpoint("llama-tied"))
 
 
 @pytest.fixture(scope="session")

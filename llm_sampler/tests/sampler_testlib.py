@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def load_hf(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def stateless(model: Any) -> Any:
@@ -41,7 +48,11 @@ class NaivePacked:
         self.calls["call"] += 1
         self.ids = new_ids if self.ids is None else torch.cat([self.ids, new_ids], 1)
         if attention_mask is None:
-            attention_mask = torch.ones_like(self.ids) if self.mask is None else torch.cat([self.mask, torch.ones_like(new_ids)], 1)
+            attention_mask = (
+                torch.ones_like(self.ids)
+                if self.mask is None
+                else torch.cat([self.mask, torch.ones_like(new_ids)], 1)
+            )
         assert attention_mask.shape == self.ids.shape
         self.mask = attention_mask
         positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -49,7 +60,9 @@ class NaivePacked:
             out = self.model(self.ids, attention_mask=attention_mask, position_ids=positions).logits
         return out[:, -new_ids.shape[1] :].float()
 
-    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+    def forward_packed(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor
+    ) -> torch.Tensor:
         assert self.ids is not None and self.ids.shape[0] == 1
         self.calls["packed"] += 1
         out = []

@@ -25,12 +25,16 @@ def trimmed(seqs: torch.Tensor, prompt_len: int, eos: list[int]) -> list[list[in
     ("length_penalty", "early_stopping", "with_eos"),
     [(1.0, False, False), (1.0, False, True), (2.0, True, True), (-0.5, "never", True), (0.0, "never", True)],
 )
-def test_beam_search_matches_transformers(tiny_llama: Any, length_penalty: float, early_stopping: Any, with_eos: bool) -> None:
+def test_beam_search_matches_transformers(
+    tiny_llama: Any, length_penalty: float, early_stopping: Any, with_eos: bool
+) -> None:
     ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         greedy = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     eos = [int(greedy[0, 8]), int(greedy[1, 9])] if with_eos else None  # tokens the beams will meet
-    kw = dict(num_beams=4, num_return_sequences=3, length_penalty=length_penalty, early_stopping=early_stopping)
+    kw = dict(
+        num_beams=4, num_return_sequences=3, length_penalty=length_penalty, early_stopping=early_stopping
+    )
     with torch.no_grad():
         ref = tiny_llama.generate(
             ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=0,

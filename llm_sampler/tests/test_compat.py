@@ -16,7 +16,10 @@ def test_create_batch_and_scores_of_continuations() -> None:
     scores = llm_sampler.get_scores_of_continuations(logits, conts, padding_value=0)
     # 0.4.0's loop: row i, positions -max_len-1 + j, token of the continuation or the padding value
     expected = torch.tensor(
-        [[float(logits[i, -4 + j, (c[j] if j < len(c) else 0)]) for j in range(3)] for i, c in enumerate(conts)]
+        [
+            [float(logits[i, -4 + j, (c[j] if j < len(c) else 0)]) for j in range(3)]
+            for i, c in enumerate(conts)
+        ]
     )
     assert torch.equal(scores, expected)
 

@@ -28,7 +28,9 @@ def hf_processors(cfg: dict[str, Any], prompt_len: int) -> Any:
     if "bad_words_ids" in cfg:
         out.append(T.NoBadWordsLogitsProcessor(cfg["bad_words_ids"], eos_token_id=None))
     if "min_new_tokens" in cfg:
-        out.append(T.MinNewTokensLengthLogitsProcessor(prompt_len, cfg["min_new_tokens"], cfg["eos_token_id"]))
+        out.append(
+            T.MinNewTokensLengthLogitsProcessor(prompt_len, cfg["min_new_tokens"], cfg["eos_token_id"])
+        )
     if cfg.get("temperature", 1.0) != 1.0:
         out.append(T.TemperatureLogitsWarper(cfg["temperature"]))
     if "top_k" in cfg:
@@ -90,7 +92,9 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("seeded", [True, False])
-@pytest.mark.parametrize("cfg", [dict(temperature=0.9, top_k=8, top_p=0.9), dict(min_p=0.05, temperature=1.5), dict(typical_p=0.9)])
+@pytest.mark.parametrize(
+    "cfg", [dict(temperature=0.9, top_k=8, top_p=0.9), dict(min_p=0.05, temperature=1.5), dict(typical_p=0.9)]
+)
 def test_samples_follow_distribution(cfg: dict[str, Any], seeded: bool) -> None:
     """Many rows of the same logits in one step: the token frequencies match the processed distribution."""
     torch.manual_seed(1234)  # the unseeded path uses torch's generator
@@ -103,12 +107,16 @@ def test_samples_follow_distribution(cfg: dict[str, Any], seeded: bool) -> None:
     probs = selector.process(ids[:1], logits[:1])[0].softmax(-1)
     counts = torch.bincount(tokens, minlength=vocab).double()
     dof = int((probs > 0).sum()) - 1
-    assert chi_square(counts, probs.double()) < dof + 6 * (2 * dof) ** 0.5  # ~6 sigma: deterministic, not flaky
+    assert (
+        chi_square(counts, probs.double()) < dof + 6 * (2 * dof) ** 0.5
+    )  # ~6 sigma: deterministic, not flaky
 
 
 def test_greedy_equals_transformers(tiny_llama: Any) -> None:
     ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(0))
-    kw = dict(max_new_tokens=15, do_sample=False, pad_token_id=0, repetition_penalty=1.2, no_repeat_ngram_size=3)
+    kw = dict(
+        max_new_tokens=15, do_sample=False, pad_token_id=0, repetition_penalty=1.2, no_repeat_ngram_size=3
+    )
     with torch.no_grad():
         ref = tiny_llama.generate(ids, eos_token_id=None, **kw)
     for f in (stateless(tiny_llama), IncrementalHF(tiny_llama)):
@@ -159,14 +167,26 @@ def test_stopping_and_outputs(tiny_llama: Any) -> None:
     end = next(i for i in range(1, 12) if free[i - 1 : i + 1] == stop) + 1
     out = generate(f, [[5, 6, 7]], 12, temperature=0, stop_sequences=[stop])
     assert out.new_tokens[0].tolist() == free[:end]
-    out = generate(f, [[5, 6, 7]], 12, temperature=0, stop_strings=["x"], decode=lambda ids: "x" if len(ids) >= 3 else "")
+    out = generate(
+        f, [[5, 6, 7]], 12, temperature=0, stop_strings=["x"], decode=lambda ids: "x" if len(ids) >= 3 else ""
+    )
     assert out.new_tokens.shape[1] == 3
     out = generate(f, [[5, 6, 7]], 12, temperature=0, min_new_tokens=6, eos_token_id=free[0])
     assert free[0] not in out.new_tokens[0, :5].tolist()
     assert generate(f, [[5]], 1000, temperature=0, max_time=1e-9).new_tokens.shape[1] <= 1
     # rows that finish get the pad token; log-probabilities come from the final distribution
     logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    out = generate(fixed(logits), [[0], [1]], 5, top_k=3, temperature=0.5, seed=0, return_logprobs=True, eos_token_id=3, pad_token_id=0)
+    out = generate(
+        fixed(logits),
+        [[0], [1]],
+        5,
+        top_k=3,
+        temperature=0.5,
+        seed=0,
+        return_logprobs=True,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     final = (logits / 0.5).masked_fill(logits < logits.topk(3).values[-1], float("-inf")).log_softmax(-1)
     for row, lp in zip(out.new_tokens, out.logprobs, strict=True):  # type: ignore[arg-type]
         live = torch.cumsum((row == 3).long(), 0) - (row == 3).long() == 0

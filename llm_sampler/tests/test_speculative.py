@@ -8,17 +8,15 @@ import pytest
 import torch
 from sampler_testlib import stateless
 
-from llm_sampler import IncrementalHF, SamplingConfig, TokenSelector, generate, prompt_lookup, speculative_generate
+from llm_sampler import (
+    IncrementalHF,
+    SamplingConfig,
+    TokenSelector,
+    generate,
+    prompt_lookup,
+    speculative_generate,
+)
 from llm_sampler.speculative import speculative_sample
-
-
-@pytest.fixture(scope="module")
-def tiny_draft() -> Any:
-    from sampler_testlib import load_hf
-
-    import fixtures
-
-    return load_hf(fixtures.tiny_checkpoint("llama-tied"))
 
 
 def test_greedy_identical_to_target(tiny_llama: Any, tiny_draft: Any) -> None:
@@ -55,7 +53,9 @@ class Markov:
 def exact_marginals(target: Markov, cfg: dict[str, Any], first: int, steps: int) -> list[torch.Tensor]:
     """The distribution of each generated token when sampling from the target alone (processed rows)."""
     selector = TokenSelector(SamplingConfig.from_kwargs(cfg), 1)
-    rows = torch.stack([selector.process(torch.tensor([[t]]), target.table[t][None])[0].softmax(-1) for t in range(6)])
+    rows = torch.stack(
+        [selector.process(torch.tensor([[t]]), target.table[t][None])[0].softmax(-1) for t in range(6)]
+    )
     p = torch.nn.functional.one_hot(torch.tensor(first), 6).double()
     out = []
     for _ in range(steps):
@@ -69,7 +69,11 @@ def test_sampling_distribution_equals_target(mode: str) -> None:
     target, draft = Markov(0, 1.5), Markov(1, 1.5)
     cfg = dict(temperature=0.8, top_k=5)
     runs, steps = 1500, 3
-    kw = dict(draft_forward_func=draft, num_draft_tokens=3) if mode == "draft" else dict(prompt_lookup_num_tokens=2)
+    kw = (
+        dict(draft_forward_func=draft, num_draft_tokens=3)
+        if mode == "draft"
+        else dict(prompt_lookup_num_tokens=2)
+    )
     prompt = [0, 1, 2, 0, 1]  # prompt lookup finds matches in it
     counts = torch.zeros(steps, 6, dtype=torch.float64)
     for seed in range(runs):

@@ -38,3 +38,40 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], wha
     for k in want:
         assert got[k].shape == want[k].shape, f"{what}: {k} shape {got[k].shape} != {want[k].shape}"
         assert torch.equal(got[k].to(want[k].dtype), want[k]), f"{what}: {k} differs"
+
+
+def expected_from_files(
+    path: Path, model: nn.Module, num_layers: int
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Like `expected_parts`, but the tensors as the checkpoint files hold them (read by `safetensors`).
+
+    The section of a name comes from where transformers' module tree puts the decoder layers. MoE families
+    differ: transformers 5 fuses per-expert checkpoint tensors into one parameter when it loads them, while
+    checkpoints (and sepweight directories) keep the per-expert tensors.
+    """
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    layers_path = next(
+        n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers
+    )
+    body = layers_path.rpartition(".")[0] + "." if "." in layers_path else ""
+    outer: dict[str, torch.Tensor] = {}
+    layers: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+    for name, t in tensors.items():
+        if name.startswith(layers_path + "."):
+            index, _, rest = name[len(layers_path) + 1 :].partition(".")
+            layers[int(index)][rest] = t
+        else:
+            outer[name.removeprefix(body)] = t
+    if "lm_head.weight" not in outer:
+        weight = model.get_input_embeddings().weight
+        outer["lm_head.weight"] = next(t for t in outer.values() if t.shape == weight.shape and torch.equal(t, weight))
+    # the tensors transformers loaded unchanged must be the same
+    module_outer, module_layers = expected_parts(model, num_layers)
+    for want, got in [(module_outer, outer), *zip(module_layers, layers, strict=True)]:
+        for k in set(want) & set(got):
+            assert torch.equal(want[k], got[k]), k
+    return outer, layers

@@ -30,18 +30,28 @@ import fixtures  # noqa: E402
 from llm_model_parts import load_part  # noqa: E402
 
 RSS_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from llm_model_parts import load_part
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def peak():  # VmHWM: this process's peak RSS (ru_maxrss can carry the forking parent's over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+before = peak()
 part = load_part(sys.argv[1], sys.argv[2])
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.inference_mode():  # weights may be memory-mapped: touch every page the part uses
+    part(torch.ones(1, 4, dtype=torch.long) if part.spec.begin else torch.ones(1, 4, part.config.hidden_size))
+after = peak()
 params = sum(p.numel() * p.element_size() for p in {id(p): p for p in part.parameters()}.values())
-print(before * 1024, after * 1024, params)
+print(before, after, params)
 """
 
 
 def peak_rss(path: Path, spec: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path), spec], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(path), spec], capture_output=True, text=True, check=True
+    )
     before, after, params = (int(x) for x in out.stdout.split())
     return {"peak_rss_mb": after / 1e6, "load_delta_mb": (after - before) / 1e6, "param_mb": params / 1e6}
 
@@ -72,7 +82,12 @@ def greedy_ours(ff, ids: torch.Tensor, n: int) -> tuple[list[int], float]:
 def greedy_hf(model, ids: torch.Tensor, n: int) -> tuple[list[int], float]:
     t0 = time.perf_counter()
     out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
     )
     return out[0, ids.shape[1] :].tolist(), time.perf_counter() - t0
 
@@ -81,7 +96,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fast smoke run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     new_tokens, prefill_len, repeats = (16, 64, 1) if args.quick else (64, 256, args.repeats)
@@ -91,8 +109,15 @@ def main() -> None:
     part = load_part(path, "f")
     ff = part.as_forward_func()
     tok = AutoTokenizer.from_pretrained(path)
-    chat = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
-    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    chat = [
+        {
+            "role": "user",
+            "content": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+        }
+    ]
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     prefill_ids = torch.randint(3, hf.config.vocab_size, (1, prefill_len))
 
     decode_ratio, prefill_ratio, rows = [], [], []
@@ -151,13 +176,21 @@ def main() -> None:
     }
     print()
     print(f"{'metric':44s} {'value':>10s}")
-    print(f"{'decode tok/s ours / transformers (median)':44s} {result['decode_speedup_median']:10.3f}  (target >= 1.15)")
-    print(f"{'prefill time ours / transformers (median)':44s} {result['prefill_time_ratio_median']:10.3f}  (target <= 1.05)")
+    print(
+        f"{'decode tok/s ours / transformers (median)':44s} {result['decode_speedup_median']:10.3f}  (target >= 1.15)"
+    )
+    print(
+        f"{'prefill time ours / transformers (median)':44s} {result['prefill_time_ratio_median']:10.3f}  (target <= 1.05)"
+    )
     print(f"{'same greedy tokens':44s} {same_tokens!s:>10s}")
-    print(f"{'bandwidth bound tok/s':44s} {bound:10.2f}  ({bandwidth / 1e9:.1f} GB/s, {weight_bytes / 1e6:.0f} MB/token)")
+    print(
+        f"{'bandwidth bound tok/s':44s} {bound:10.2f}  ({bandwidth / 1e9:.1f} GB/s, {weight_bytes / 1e6:.0f} MB/token)"
+    )
     print(f"{'ours tok/s / bound':44s} {result['ours_fraction_of_bound']:10.3f}")
     for spec, r in rss.items():
-        print(f"{'peak RSS load_part ' + repr(spec) + ' MB':44s} {r['peak_rss_mb']:10.0f}  (load delta {r['load_delta_mb']:.0f}, params {r['param_mb']:.0f})")
+        print(
+            f"{'peak RSS load_part ' + repr(spec) + ' MB':44s} {r['peak_rss_mb']:10.0f}  (load delta {r['load_delta_mb']:.0f}, params {r['param_mb']:.0f})"
+        )
     out = ROOT / "tools" / "bench" / "results" / "parts.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -212,11 +212,11 @@ def main() -> None:
     model = sepweight_dir()
     cfg: dict[str, Any] = {
         "model": str(model),
-        "prompt": 32 if args.quick else 128,
-        "decode": 8 if args.quick else 32,
+        "prompt": 32 if args.quick else 96,
+        "decode": 8 if args.quick else 16,
         "batch": 4,
         "chunk": 16 if args.quick else 32,
-        "repeat": 1 if args.quick else 3,
+        "repeat": 1 if args.quick else 2,
         "sizes": [576, 576 * 128, 49152, 576 * 512],
         "hop_repeat": 20 if args.quick else 200,
     }

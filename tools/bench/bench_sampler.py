@@ -25,7 +25,9 @@ HERE = Path(__file__).resolve().parent
 SETTINGS = dict(repetition_penalty=1.1, temperature=0.8, top_k=50, top_p=0.9)
 
 
-def reference(prompt_len: int) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[..., torch.Tensor]]:
+def reference(
+    prompt_len: int,
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[..., torch.Tensor]]:
     from transformers import (
         LogitsProcessorList,
         RepetitionPenaltyLogitsProcessor,
@@ -64,7 +66,9 @@ def timeit(fn: Callable[[], object], repeat: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=151_936)
@@ -87,7 +91,9 @@ def main() -> None:
     theirs = ref_distribution(ids, logits)
     max_diff = float((ours_probs - theirs).abs().max())
     same_support = bool(((ours_probs > 0) == (theirs > 0)).all())
-    assert same_support and max_diff < 1e-5, f"distributions differ: max |dp| = {max_diff}, same support {same_support}"
+    assert same_support and max_diff < 1e-5, (
+        f"distributions differ: max |dp| = {max_diff}, same support {same_support}"
+    )
 
     with torch.inference_mode():
         t_ref = timeit(lambda: ref_step(ids, logits), repeat)

@@ -94,7 +94,9 @@ def load_part_forward(path: Path) -> tuple[Any, str]:
         return None, f"{type(e).__name__}: {e}"
 
 
-def timed(fn: Callable[[Requests], list[list[float]]], questions: Requests, repeat: int) -> tuple[float, list[list[float]]]:
+def timed(
+    fn: Callable[[Requests], list[list[float]]], questions: Requests, repeat: int
+) -> tuple[float, list[list[float]]]:
     best, result = float("inf"), []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -104,7 +106,9 @@ def timed(fn: Callable[[Requests], list[list[float]]], questions: Requests, repe
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a few questions of each set, one repeat")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method (the best is reported)")
     parser.add_argument("--threads", type=int, default=2)
@@ -133,7 +137,7 @@ def main() -> None:
         report["part_error"] = part_error
         print(f"ours/part unavailable: {part_error}")
     with torch.inference_mode():
-        for name, fn in methods.items():  # warm-up: first calls allocate, load kernels, build HFLM state
+        for fn in methods.values():  # warm-up: first calls allocate, load kernels, build HFLM state
             if fn is not None:
                 fn(SHORT[:2])
         for set_name, questions in sets.items():
@@ -145,7 +149,9 @@ def main() -> None:
                 seconds, lls = timed(fn, questions, 1 if args.quick else args.repeat)
                 if name == "naive":
                     ref = lls
-                diff = max(abs(a - b) for r, o in zip(ref, lls, strict=True) for a, b in zip(r, o, strict=True))
+                diff = max(
+                    abs(a - b) for r, o in zip(ref, lls, strict=True) for a, b in zip(r, o, strict=True)
+                )
                 same_picks = all(
                     max(range(len(r)), key=r.__getitem__) == max(range(len(o)), key=o.__getitem__)
                     for r, o in zip(ref, lls, strict=True)
@@ -157,7 +163,9 @@ def main() -> None:
                 row["speedup_vs_naive"] = rows["naive"]["seconds"] / row["seconds"]
             report["sets"][set_name] = rows
             print(f"\n{set_name}: {sum(len(o) for _, o in questions)} options")
-            print(f"{'method':<20} {'seconds':>8} {'x lm-eval':>10} {'x naive':>8} {'max |diff|':>11} {'picks':>6}")
+            print(
+                f"{'method':<20} {'seconds':>8} {'x lm-eval':>10} {'x naive':>8} {'max |diff|':>11} {'picks':>6}"
+            )
             for name, row in rows.items():
                 print(
                     f"{name:<20} {row['seconds']:8.3f} {row['speedup_vs_lm_eval']:10.2f} {row['speedup_vs_naive']:8.2f} "

@@ -30,7 +30,10 @@ SHORT: list[tuple[str, list[str]]] = [
     ("The moon orbits the", [" Earth", " Sun", " Mars"]),
     ("A doctor works in a", [" hospital", " bakery", " farm", " mine"]),
     ("Rain falls from", [" clouds", " trees", " rocks"]),
-    ("The boiling point of water at sea level is", [" 100 degrees Celsius", " 50 degrees Celsius", " 0 degrees Celsius"]),
+    (
+        "The boiling point of water at sea level is",
+        [" 100 degrees Celsius", " 50 degrees Celsius", " 0 degrees Celsius"],
+    ),
     ("Penguins live mostly in", [" Antarctica", " the Sahara", " Greenland"]),
     ("The color of grass is usually", [" green", " purple", " orange"]),
     ("Question: Which is a fruit?\nAnswer:", [" an apple", " a carrot", " a potato", " an onion"]),

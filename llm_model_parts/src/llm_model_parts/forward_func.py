@@ -102,6 +102,7 @@ class IncrementalForward:
 def _default_max_seq_len(part: Part) -> int:
     config = part.config
     factor = max(
-        (float(r.factor or 1.0) for r in config.rope_parameters.values() if r.rope_type == "dynamic"), default=1.0
+        (float(r.factor or 1.0) for r in config.rope_parameters.values() if r.rope_type == "dynamic"),
+        default=1.0,
     )
     return int(config.max_position_embeddings * factor)

@@ -32,6 +32,10 @@ def to_part_names(weights: Any, spec: PartSpec, config: ModelConfig) -> dict[str
         raise TypeError(
             f"state_dict must be a PartStateDict or a mapping of tensors, got {type(weights).__name__}"
         )
+    from llm_model_parts.families import get_family
+
+    if get_family(config.model_type).build_begin is not None:
+        return _by_name_rules(weights, spec, config)
     for name, tensor in weights.items():
         key = name.removeprefix("model.")
         if _ignored(key):
@@ -58,3 +62,28 @@ def _section(tensors: Mapping[str, torch.Tensor] | None, name: str) -> dict[str,
 
 def _ignored(name: str) -> bool:
     return name.endswith(_IGNORED_SUFFIXES)
+
+
+def _by_name_rules(
+    weights: Mapping[str, torch.Tensor], spec: PartSpec, config: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Flat HF state dicts of families with their own begin/end names (`transformer.h.3.attn.c_attn.weight`,
+    `model.decoder.embed_positions.weight` ...), mapped by llm_sepweight's per-architecture name rules."""
+    from llm_sepweight.names import rule_for, split_names
+
+    local = {layer: j for j, layer in enumerate(spec.layers)}
+    out: dict[str, torch.Tensor] = {}
+    begin: dict[str, torch.Tensor] = {}
+    for name, loc in split_names(config.model_type, weights, config.num_hidden_layers).items():
+        if loc.section == "mid" and loc.layer in local:
+            out[f"layers.{local[loc.layer]}.{loc.name}"] = weights[name]
+        elif loc.section == "begin":
+            begin[loc.name] = weights[name]
+        elif loc.section == "end" and spec.end:
+            out[loc.name] = weights[name]
+    if spec.begin:
+        out.update(begin)
+    embedding = rule_for(config.model_type, weights).embedding
+    if spec.end and "lm_head.weight" not in out and config.tie_word_embeddings and embedding in begin:
+        out["lm_head.weight"] = begin[embedding]
+    return out

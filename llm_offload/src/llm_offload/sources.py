@@ -303,8 +303,11 @@ def _map(path: Path, size: int) -> torch.Tensor:
         mm = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
+    # Submit the whole file's reads at once (a no-op when it is in the page cache), then map its pages in
+    # now, on this thread, rather than by page faults during the layer's compute.
+    mm.madvise(mmap.MADV_WILLNEED)
     try:
-        mm.madvise(MADV_POPULATE_READ)  # read faults now, on this thread, not during the layer's compute
+        mm.madvise(MADV_POPULATE_READ)
     except OSError:
         mm.madvise(mmap.MADV_WILLNEED)
     return torch.frombuffer(mm, dtype=torch.uint8)

@@ -50,7 +50,9 @@ def _check(num_beams: int, length_penalty: float, early_stopping: Any, n_return:
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if not isinstance(n_return, int) or not 1 <= n_return <= num_beams:
-        raise ValueError(f"num_return_sequences must be an int in [1, num_beams={num_beams}], got {n_return!r}")
+        raise ValueError(
+            f"num_return_sequences must be an int in [1, num_beams={num_beams}], got {n_return!r}"
+        )
 
 
 def beam_search(
@@ -72,7 +74,9 @@ def beam_search(
                "min_new_tokens", "eos_token_id", "pad_token_id", "logits_processors", "presence_penalty",
                "frequency_penalty"}  # fmt: skip
     if set(params) - allowed:
-        raise TypeError(f"beam_search does not take {sorted(set(params) - allowed)}; it takes {sorted(allowed)}")
+        raise TypeError(
+            f"beam_search does not take {sorted(set(params) - allowed)}; it takes {sorted(allowed)}"
+        )
     config = SamplingConfig.from_kwargs(params)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -116,7 +120,9 @@ def beam_search(
         src_beam = top_idx // vocab
         top_seqs = _gather(running, src_beam)
         top_seqs[:, :, cur_len] = top_idx % vocab
-        hits = torch.isin(top_seqs[:, :, cur_len], eos_t) if eos else torch.zeros_like(top_idx, dtype=torch.bool)
+        hits = (
+            torch.isin(top_seqs[:, :, cur_len], eos_t) if eos else torch.zeros_like(top_idx, dtype=torch.bool)
+        )
         if cur_len + 1 >= max_len:
             hits = torch.ones_like(hits)
         # continue with the best candidates that did not finish
@@ -128,12 +134,16 @@ def beam_search(
         new_scores = top_logp / ((cur_len + 1 - prompt_len) ** length_penalty)
         full = torch.all(is_finished, -1, keepdim=True) & (early_stopping is True)
         just_done = hits & top_nb[None]
-        new_scores = new_scores + full.float() * NEG + (~improvable).float() * NEG + (~just_done).float() * NEG
+        new_scores = (
+            new_scores + full.float() * NEG + (~improvable).float() * NEG + (~just_done).float() * NEG
+        )
         merged_scores = torch.cat([beam_scores, new_scores], 1)
         best = torch.topk(merged_scores, nb).indices
         finished_seqs = _gather(torch.cat([finished_seqs, top_seqs], 1), best)
         beam_scores = _gather(merged_scores, best)
-        finished_lens = _gather(torch.cat([finished_lens, torch.full_like(new_scores, cur_len + 1, dtype=torch.long)], 1), best)
+        finished_lens = _gather(
+            torch.cat([finished_lens, torch.full_like(new_scores, cur_len + 1, dtype=torch.long)], 1), best
+        )
         is_finished = _gather(torch.cat([is_finished, just_done], 1), best)
         if follow:
             forward_func.reorder((_gather(src_beam, nxt) + offsets).reshape(-1))  # type: ignore[attr-defined]
@@ -145,7 +155,9 @@ def beam_search(
         else:
             best_len = cur_len + 1 - prompt_len
         best_running = running_scores[:, :1] / (best_len**length_penalty)
-        worst_done = torch.where(is_finished, torch.min(beam_scores, 1, keepdim=True).values, torch.tensor(NEG))
+        worst_done = torch.where(
+            is_finished, torch.min(beam_scores, 1, keepdim=True).values, torch.tensor(NEG)
+        )
         improvable = improvable & torch.any(best_running > worst_done, -1, keepdim=True)
         open_beam = not bool(torch.all(is_finished)) or early_stopping is not True
         if not (bool(improvable.any()) and open_beam and not bool(hits.all())):

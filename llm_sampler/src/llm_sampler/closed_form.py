@@ -24,9 +24,13 @@ from llm_sampler.scoring import Ids, _check_ids, score_requests
 class TextEncoder:
     """lm-evaluation-harness's tokenization rules over a duck-typed tokenizer."""
 
-    def __init__(self, tokenizer: Any, prefix_token_id: int | None = None, add_special_tokens: bool | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, prefix_token_id: int | None = None, add_special_tokens: bool | None = None
+    ) -> None:
         if not hasattr(tokenizer, "encode"):
-            raise TypeError(f"tokenizer must have encode() (HF tokenizer or tokenizers.Tokenizer), got {type(tokenizer).__name__}")
+            raise TypeError(
+                f"tokenizer must have encode() (HF tokenizer or tokenizers.Tokenizer), got {type(tokenizer).__name__}"
+            )
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
         if prefix_token_id is None:
@@ -52,11 +56,15 @@ class TextEncoder:
 
     def pair(self, context: str, option: str) -> tuple[Ids, Ids]:
         if not isinstance(context, str) or not isinstance(option, str):
-            raise TypeError(f"context and options must be strings, got {type(context).__name__}, {type(option).__name__}")
+            raise TypeError(
+                f"context and options must be strings, got {type(context).__name__}, {type(option).__name__}"
+            )
         if context == "":
             cont = self._raw(option, False)
             if self.prefix_token_id is None:
-                raise ValueError("the context is empty and the tokenizer has no BOS/EOS token: pass prefix_token_id=")
+                raise ValueError(
+                    "the context is empty and the tokenizer has no BOS/EOS token: pass prefix_token_id="
+                )
             if cont and cont[0] == self.prefix_token_id:
                 return tuple(cont[:1]), tuple(cont[1:])
             return (self.prefix_token_id,), tuple(cont)
@@ -87,7 +95,13 @@ def score(
     if not continuation_ids_list:
         raise ValueError("continuation_ids_list is empty: give at least one option")
     conts = [_check_ids(c, f"continuation_ids_list[{i}]") for i, c in enumerate(continuation_ids_list)]
-    res = score_requests(forward_func, [(ctx, c) for c in conts], batch_size=batch_size, max_length=max_length, use_cache=use_cache)
+    res = score_requests(
+        forward_func,
+        [(ctx, c) for c in conts],
+        batch_size=batch_size,
+        max_length=max_length,
+        use_cache=use_cache,
+    )
     return Scores([OptionScore(r.logprobs, r.is_greedy, list(c)) for r, c in zip(res, conts, strict=True)])
 
 
@@ -121,14 +135,24 @@ def score_many(
     n_cond = len(flat)
     if normalize == "unconditional":
         flat += [encoder.pair("", o) for _, options in requests for o in options]
-    res = score_requests(forward_func, flat, batch_size=batch_size, max_length=max_length, use_cache=use_cache)
+    res = score_requests(
+        forward_func, flat, batch_size=batch_size, max_length=max_length, use_cache=use_cache
+    )
     out: list[Scores] = []
     k = 0
     for _, options in requests:
         scores = []
         for o in options:
             uncond = res[n_cond + k].logprobs if normalize == "unconditional" else None
-            scores.append(OptionScore(res[k].logprobs, res[k].is_greedy, list(flat[k][1]), o, None if uncond is None else sum(uncond)))
+            scores.append(
+                OptionScore(
+                    res[k].logprobs,
+                    res[k].is_greedy,
+                    list(flat[k][1]),
+                    o,
+                    None if uncond is None else sum(uncond),
+                )
+            )
             k += 1
         out.append(Scores(scores, normalize))
     return out

@@ -20,7 +20,9 @@ def sample_huggingface(outputs: torch.Tensor, temperature: float, top_k: int | N
     return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 
-def sample_gpt_fast(outputs: torch.Tensor, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+def sample_gpt_fast(
+    outputs: torch.Tensor, temperature: float = 1.0, top_k: int | None = None
+) -> torch.Tensor:
     """gpt-fast's sampler on the last position of row 0: temperature (at least 1e-5), top-k, exponential race
     (no host sync). -> IntTensor[1]."""
     logits = outputs[0, -1] / max(temperature, 1e-5)
@@ -39,7 +41,9 @@ def create_batch_with_continuations(
     if input_ids.dim() == 2 and input_ids.shape[0] == 1:
         input_ids = input_ids.squeeze(0)
     rows = [torch.cat((input_ids, c.to(input_ids.device))) for c in all_continuation_ids]
-    return torch.nn.utils.rnn.pad_sequence(rows, padding_value=padding_value, batch_first=True).to(input_ids.device)
+    return torch.nn.utils.rnn.pad_sequence(rows, padding_value=padding_value, batch_first=True).to(
+        input_ids.device
+    )
 
 
 def get_scores_of_continuations(

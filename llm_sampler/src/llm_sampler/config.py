@@ -76,29 +76,73 @@ class SamplingConfig:
     def eos_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
-        return [self.eos_token_id] if _is_int(self.eos_token_id) else list(self.eos_token_id)  # type: ignore[arg-type]
+        eos = self.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos)
 
-    def validate(self) -> None:  # noqa: C901 - one check per parameter
-        _check(_is_num(self.temperature) and 0 <= self.temperature < math.inf, "temperature", "a float >= 0 (0 = greedy)", self.temperature)
-        _check(self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1), "top_k", "None or an int >= 1", self.top_k)
+    def validate(self) -> None:
+        _check(
+            _is_num(self.temperature) and 0 <= self.temperature < math.inf,
+            "temperature",
+            "a float >= 0 (0 = greedy)",
+            self.temperature,
+        )
+        _check(
+            self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1),
+            "top_k",
+            "None or an int >= 1",
+            self.top_k,
+        )
         for name in ("top_p", "typical_p"):
             v = getattr(self, name)
             _check(v is None or (_is_num(v) and 0 < v <= 1), name, "None or a float in (0, 1]", v)
         for name in ("min_p", "epsilon_cutoff", "eta_cutoff"):
             v = getattr(self, name)
             _check(v is None or (_is_num(v) and 0 <= v < 1), name, "None or a float in [0, 1)", v)
-        _check(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf, "repetition_penalty", "a float > 0 (1 = off)", self.repetition_penalty)
+        _check(
+            _is_num(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf,
+            "repetition_penalty",
+            "a float > 0 (1 = off)",
+            self.repetition_penalty,
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             _check(_is_num(v) and -math.inf < v < math.inf, name, "a finite float", v)
-        _check(_is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0, "no_repeat_ngram_size", "an int >= 0 (0 = off)", self.no_repeat_ngram_size)
-        _check(_is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens", "an int >= 0", self.min_new_tokens)
-        _check(_is_int(self.num_return_sequences) and self.num_return_sequences >= 1, "num_return_sequences", "an int >= 1", self.num_return_sequences)
-        _check(self.max_time is None or (_is_num(self.max_time) and self.max_time > 0), "max_time", "None or seconds > 0", self.max_time)
-        eos_ok = self.eos_token_id is None or _is_int(self.eos_token_id) and self.eos_token_id >= 0
-        eos_ok = eos_ok or (isinstance(self.eos_token_id, Sequence) and all(_is_int(t) and t >= 0 for t in self.eos_token_id))
+        _check(
+            _is_int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
+            "no_repeat_ngram_size",
+            "an int >= 0 (0 = off)",
+            self.no_repeat_ngram_size,
+        )
+        _check(
+            _is_int(self.min_new_tokens) and self.min_new_tokens >= 0,
+            "min_new_tokens",
+            "an int >= 0",
+            self.min_new_tokens,
+        )
+        _check(
+            _is_int(self.num_return_sequences) and self.num_return_sequences >= 1,
+            "num_return_sequences",
+            "an int >= 1",
+            self.num_return_sequences,
+        )
+        _check(
+            self.max_time is None or (_is_num(self.max_time) and self.max_time > 0),
+            "max_time",
+            "None or seconds > 0",
+            self.max_time,
+        )
+        eos = self.eos_token_id
+        eos_ok = eos is None or (isinstance(eos, int) and _is_int(eos) and eos >= 0)
+        eos_ok = eos_ok or (
+            isinstance(self.eos_token_id, Sequence) and all(_is_int(t) and t >= 0 for t in self.eos_token_id)
+        )
         _check(eos_ok, "eos_token_id", "None, a token id >= 0 or a list of them", self.eos_token_id)
-        _check(self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0), "pad_token_id", "None or a token id >= 0", self.pad_token_id)
+        _check(
+            self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
+            "pad_token_id",
+            "None or a token id >= 0",
+            self.pad_token_id,
+        )
         if self.min_new_tokens and not self.eos_ids:
             raise ValueError("min_new_tokens needs eos_token_id (the tokens to forbid before the minimum)")
         for name in ("bad_words_ids", "stop_sequences"):
@@ -106,13 +150,27 @@ class SamplingConfig:
             ok = v is None or all(len(w) >= 1 and all(_is_int(t) and t >= 0 for t in w) for w in v)
             _check(ok, name, "None or a list of non-empty lists of token ids >= 0", v)
         if self.logit_bias is not None:
-            ok = all(_is_int(k) and k >= 0 and isinstance(b, (int, float)) and not math.isnan(b) for k, b in self.logit_bias.items())
+            ok = all(
+                _is_int(k) and k >= 0 and isinstance(b, (int, float)) and not math.isnan(b)
+                for k, b in self.logit_bias.items()
+            )
             _check(ok, "logit_bias", "a mapping {token id >= 0: float bias}", self.logit_bias)
         if self.stop_strings:
-            _check(all(isinstance(s, str) and s for s in self.stop_strings), "stop_strings", "a list of non-empty strings", self.stop_strings)
+            _check(
+                all(isinstance(s, str) and s for s in self.stop_strings),
+                "stop_strings",
+                "a list of non-empty strings",
+                self.stop_strings,
+            )
             if self.decode is None:
-                raise ValueError("stop_strings needs decode= (a function list[int] -> str, e.g. tokenizer.decode)")
-        seed_ok = self.seed is None or _is_int(self.seed) or (isinstance(self.seed, Sequence) and all(_is_int(s) for s in self.seed))
+                raise ValueError(
+                    "stop_strings needs decode= (a function list[int] -> str, e.g. tokenizer.decode)"
+                )
+        seed_ok = (
+            self.seed is None
+            or _is_int(self.seed)
+            or (isinstance(self.seed, Sequence) and all(_is_int(s) for s in self.seed))
+        )
         _check(seed_ok, "seed", "None, an int or a list of ints (one per prompt)", self.seed)
         for i, p in enumerate(self.logits_processors):
             _check(callable(p), f"logits_processors[{i}]", "a callable (input_ids, scores) -> scores", p)
@@ -132,7 +190,9 @@ class SamplingConfig:
         if self.logit_bias:
             out.append(P.LogitBias(self.logit_bias))
         if self.repetition_penalty != 1.0:
-            out.append(P.RepetitionPenalty(self.repetition_penalty, 0 if self.penalize_prompt else prompt_len))
+            out.append(
+                P.RepetitionPenalty(self.repetition_penalty, 0 if self.penalize_prompt else prompt_len)
+            )
         if self.presence_penalty or self.frequency_penalty:
             out.append(P.PresenceFrequencyPenalty(self.presence_penalty, self.frequency_penalty, prompt_len))
         if self.no_repeat_ngram_size:

@@ -23,7 +23,9 @@ def accepts_attention_mask(f: Any) -> bool:
     return "attention_mask" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def as_batch(input_ids: Any, attention_mask: Any = None, pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def as_batch(
+    input_ids: Any, attention_mask: Any = None, pad_token_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompts -> (LongTensor[B, T], left-padding mask or None). Accepts a tensor [T] or [B, T], a list of
     ints, or a list of lists of ints (ragged lists are left-padded)."""
     if isinstance(input_ids, torch.Tensor):
@@ -31,7 +33,9 @@ def as_batch(input_ids: Any, attention_mask: Any = None, pad_token_id: int = 0) 
     elif isinstance(input_ids, Sequence) and len(input_ids) and isinstance(input_ids[0], Sequence):
         lengths = [len(r) for r in input_ids]
         if min(lengths) == 0:
-            raise ValueError(f"input_ids row {lengths.index(0)} is empty: every prompt needs at least one token (e.g. BOS)")
+            raise ValueError(
+                f"input_ids row {lengths.index(0)} is empty: every prompt needs at least one token (e.g. BOS)"
+            )
         width = max(lengths)
         ids = torch.tensor([[pad_token_id] * (width - len(r)) + list(r) for r in input_ids], dtype=torch.long)
         if attention_mask is None and min(lengths) != width:
@@ -41,16 +45,22 @@ def as_batch(input_ids: Any, attention_mask: Any = None, pad_token_id: int = 0) 
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int, torch.int32, torch.int16):
-        raise ValueError(f"input_ids must be integer token ids of shape [B, T], got {tuple(ids.shape)} {ids.dtype}")
+        raise ValueError(
+            f"input_ids must be integer token ids of shape [B, T], got {tuple(ids.shape)} {ids.dtype}"
+        )
     ids = ids.long()
     if ids.shape[1] == 0 or ids.shape[0] == 0:
-        raise ValueError(f"input_ids has shape {tuple(ids.shape)}: give at least one prompt of at least one token (e.g. BOS)")
+        raise ValueError(
+            f"input_ids has shape {tuple(ids.shape)}: give at least one prompt of at least one token (e.g. BOS)"
+        )
     if (ids < 0).any():
         raise ValueError("input_ids holds negative token ids")
     if attention_mask is not None:
         mask = torch.as_tensor(attention_mask).to(ids.device).long()
         if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: they must match")
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: they must match"
+            )
         if (mask.sum(1) == 0).any():
             raise ValueError("attention_mask has a row without any real token")
         if bool((mask[:, 1:] < mask[:, :-1]).any()):
@@ -75,7 +85,9 @@ def all_logits(logits: Any, batch: int, length: int, what: str = "forward_func")
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"{what} must return logits for every position, [B, T, V], got {shape}")
     if logits.shape[0] != batch or logits.shape[1] != length:
-        raise ValueError(f"{what} returned logits of shape {tuple(logits.shape)} for input [{batch}, {length}]")
+        raise ValueError(
+            f"{what} returned logits of shape {tuple(logits.shape)} for input [{batch}, {length}]"
+        )
     return logits
 
 
@@ -109,9 +121,8 @@ class Caller:
         if new.shape[1] == 0:
             raise ValueError("nothing new to send to the forward_func")
         kwargs = {}
-        if mask is not None:
-            if self.takes_mask:
-                kwargs["attention_mask"] = mask
+        if mask is not None and self.takes_mask:
+            kwargs["attention_mask"] = mask
         out = self.f(new, **kwargs)
         n_new = ids.shape[1] - self.sent
         self.sent = ids.shape[1]

@@ -47,7 +47,9 @@ def make_seeds(seed: Any, batch: int, n: int, device: torch.device) -> torch.Ten
         return None
     per_prompt = [seed] * batch if isinstance(seed, int) else list(seed)
     if len(per_prompt) != batch:
-        raise ValueError(f"seed has {len(per_prompt)} values for {batch} prompts: give one per prompt or one int")
+        raise ValueError(
+            f"seed has {len(per_prompt)} values for {batch} prompts: give one per prompt or one int"
+        )
     seeds = torch.tensor(per_prompt, dtype=torch.long)[:, None] + torch.arange(n)[None, :]
     return seeds.reshape(-1).to(device)
 
@@ -57,7 +59,9 @@ class StopChecker:
 
     def __init__(self, config: SamplingConfig, prompt_len: int, device: torch.device) -> None:
         self.eos = torch.tensor(config.eos_ids, dtype=torch.long, device=device)
-        self.sequences = [torch.tensor(s, dtype=torch.long, device=device) for s in config.stop_sequences or []]
+        self.sequences = [
+            torch.tensor(s, dtype=torch.long, device=device) for s in config.stop_sequences or []
+        ]
         self.strings = list(config.stop_strings or [])
         self.decode = config.decode
         self.prompt_len = prompt_len
@@ -117,7 +121,9 @@ def _decode(
     batch, prompt_len = ids.shape
     caller = Caller(forward_func)
     if mask is not None and not caller.takes_mask:
-        logger.warning("prompts are left-padded but forward_func takes no attention_mask: padding is attended to")
+        logger.warning(
+            "prompts are left-padded but forward_func takes no attention_mask: padding is attended to"
+        )
     selector = TokenSelector(config, prompt_len, make_seeds(config.seed, batch // n, n, ids.device))
     stop = StopChecker(config, prompt_len, ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
@@ -131,7 +137,9 @@ def _decode(
         if step == 0:
             config.check_vocab(logits.shape[-1])
         sel = selector(ids, logits, step)
-        bad, empty = torch.stack([(sel.bad_logits & ~finished).any(), (sel.nothing_left & ~finished).any()]).tolist()
+        bad, empty = torch.stack(
+            [(sel.bad_logits & ~finished).any(), (sel.nothing_left & ~finished).any()]
+        ).tolist()
         if bad:
             rows = (sel.bad_logits & ~finished).nonzero()[:, 0].tolist()
             raise ValueError(f"forward_func returned NaN or +inf logits for rows {rows} at step {step}")
@@ -167,7 +175,9 @@ def sample(
     `attention_mask`), a list of ints, or a list of lists of ints (left-padded for you). `params`: see
     `SamplingConfig`. Rows that finished get `pad_token_id` (default: the first eos id) until all finish.
     """
-    for step in sample_steps(forward_func, input_ids, max_new_tokens, attention_mask=attention_mask, **params):
+    for step in sample_steps(
+        forward_func, input_ids, max_new_tokens, attention_mask=attention_mask, **params
+    ):
         yield step.tokens
 
 

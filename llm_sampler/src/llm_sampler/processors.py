@@ -78,7 +78,9 @@ class PresenceFrequencyPenalty:
         generated = input_ids[:, self.prompt_len :]
         if generated.shape[1] == 0:
             return scores
-        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        counts = torch.zeros_like(scores).scatter_add_(
+            1, generated, torch.ones_like(generated, dtype=scores.dtype)
+        )
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
@@ -93,7 +95,9 @@ class NoRepeatNGram:
         if t + 1 < n:
             return scores
         if n == 1:
-            banned = torch.zeros_like(scores).scatter_add_(1, input_ids, torch.ones_like(input_ids, dtype=scores.dtype))
+            banned = torch.zeros_like(scores).scatter_add_(
+                1, input_ids, torch.ones_like(input_ids, dtype=scores.dtype)
+            )
             return scores.masked_fill(banned > 0, NEG_INF)
         windows = input_ids.unfold(1, n, 1)  # (B, T-n+1, n)
         tail = input_ids[:, t - n + 1 :]  # (B, n-1)
@@ -227,7 +231,9 @@ class EtaCutoff:
         return scores.masked_fill(_keep_top(scores, probs < cutoff), NEG_INF)
 
 
-def apply(processors: Sequence[LogitsProcessor], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def apply(
+    processors: Sequence[LogitsProcessor], input_ids: torch.Tensor, scores: torch.Tensor
+) -> torch.Tensor:
     for processor in processors:
         scores = processor(input_ids, scores)
     return scores

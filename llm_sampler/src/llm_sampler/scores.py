@@ -50,7 +50,9 @@ class OptionScore:
             return ll / self.num_tokens if self.num_tokens else 0.0
         if normalize == "unconditional":
             if self.unconditional is None:
-                raise ValueError("normalize='unconditional' needs the unconditional scores: pass normalize= to score_texts")
+                raise ValueError(
+                    "normalize='unconditional' needs the unconditional scores: pass normalize= to score_texts"
+                )
             return ll - self.unconditional
         if self.text is None:
             raise ValueError(f"normalize={normalize!r} needs the option's text: use score_texts / score_many")

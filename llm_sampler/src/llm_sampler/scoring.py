@@ -45,12 +45,16 @@ def _check_ids(ids: Any, what: str) -> Ids:
     return out
 
 
-def _score_rows(logits: torch.Tensor, rows: list[int], positions: list[int], targets: list[int]) -> tuple[list[float], list[bool]]:
+def _score_rows(
+    logits: torch.Tensor, rows: list[int], positions: list[int], targets: list[int]
+) -> tuple[list[float], list[bool]]:
     """log-softmax only where needed: logits[rows, positions] -> (logprob of target, target is the argmax)."""
     picked = logits[torch.tensor(rows), torch.tensor(positions)].float().log_softmax(-1)  # (n, V)
     target = torch.tensor(targets, device=picked.device)
     if int(target.max()) >= picked.shape[-1]:
-        raise ValueError(f"token id {int(target.max())} is outside the model's vocabulary of {picked.shape[-1]}")
+        raise ValueError(
+            f"token id {int(target.max())} is outside the model's vocabulary of {picked.shape[-1]}"
+        )
     lp = picked.gather(1, target[:, None])[:, 0]
     if bool(lp.isnan().any()):
         raise ValueError("forward_func returned NaN logits for a scored position")
@@ -73,7 +77,11 @@ def _batches(lengths: list[int], batch_size: int | None, batch_tokens: int) -> l
 
 
 def score_stateless(
-    f: ForwardFunc, requests: Sequence[tuple[Ids, Ids]], batch_size: int | None, max_length: int | None, pad_id: int = 0
+    f: ForwardFunc,
+    requests: Sequence[tuple[Ids, Ids]],
+    batch_size: int | None,
+    max_length: int | None,
+    pad_id: int = 0,
 ) -> list[TokenScores]:
     results: list[TokenScores | None] = [None] * len(requests)
     inputs: list[Ids] = []
@@ -133,13 +141,21 @@ def _group_by_context(requests: Sequence[tuple[Ids, Ids]]) -> dict[Ids, list[int
 
 
 def score_incremental(
-    f: Any, requests: Sequence[tuple[Ids, Ids]], batch_size: int | None, max_length: int | None, pad_id: int = 0
+    f: Any,
+    requests: Sequence[tuple[Ids, Ids]],
+    batch_size: int | None,
+    max_length: int | None,
+    pad_id: int = 0,
 ) -> list[TokenScores]:
     """Contexts once per batch of questions (left-padded), then option slot by slot from the cache."""
     results: list[TokenScores | None] = [None] * len(requests)
     groups = [(ctx, idx) for ctx, idx in _group_by_context(requests).items()]
-    fits = [max(len(ctx) + len(requests[i][1]) for i in idx) <= (max_length or 1 << 62) + 1 for ctx, idx in groups]
-    if not all(fits):  # lm-eval's left truncation changes the context per option: score those rows statelessly
+    fits = [
+        max(len(ctx) + len(requests[i][1]) for i in idx) <= (max_length or 1 << 62) + 1 for ctx, idx in groups
+    ]
+    if not all(
+        fits
+    ):  # lm-eval's left truncation changes the context per option: score those rows statelessly
         long = [i for (ctx, idx), ok in zip(groups, fits, strict=True) if not ok for i in idx]
         for i, r in zip(long, _score_via_reset(f, [requests[i] for i in long], max_length), strict=True):
             results[i] = r
@@ -153,7 +169,9 @@ def score_incremental(
     return [r for r in results if r is not None]
 
 
-def _score_via_reset(f: Any, requests: Sequence[tuple[Ids, Ids]], max_length: int | None) -> list[TokenScores]:
+def _score_via_reset(
+    f: Any, requests: Sequence[tuple[Ids, Ids]], max_length: int | None
+) -> list[TokenScores]:
     def stateless(x: torch.Tensor) -> torch.Tensor:
         f.reset()
         return f(x)
@@ -201,7 +219,10 @@ def _incremental_batch(
         out = f(new, attention_mask=full_mask) if not bool(full_mask.all()) else f(new)
         out = all_logits(out, q, new.shape[1], "the incremental forward_func")
         offset = width if slot == 0 else 0
-        rows, pos, tgt, spans = [], [], [], []
+        rows: list[int] = []
+        pos: list[int] = []
+        tgt: list[int] = []
+        spans: list[tuple[int, int, int]] = []
         if slot == 0:  # every option's first token, predicted by its context's last position
             for b, i in first:
                 spans.append((i, len(tgt), 1))
@@ -218,13 +239,18 @@ def _incremental_batch(
             lps, greedy = _score_rows(out, rows, pos, tgt)
             for i, start, k in spans:
                 r = res[i]
-                res[i] = TokenScores(r.logprobs + lps[start : start + k], r.is_greedy and all(greedy[start : start + k]))
-        f.rewind(n)
+                res[i] = TokenScores(
+                    r.logprobs + lps[start : start + k], r.is_greedy and all(greedy[start : start + k])
+                )
+        if n:
+            f.rewind(n)
     return res
 
 
-def _packed_question(f: Any, chunk: list[tuple[Ids, list[int]]], requests: Sequence[tuple[Ids, Ids]], pad_id: int) -> dict[int, TokenScores]:
-    (ctx, idx), = chunk
+def _packed_question(
+    f: Any, chunk: list[tuple[Ids, list[int]]], requests: Sequence[tuple[Ids, Ids]], pad_id: int
+) -> dict[int, TokenScores]:
+    ((ctx, idx),) = chunk
     f.reset()
     last = all_logits(f(torch.tensor([ctx])), 1, len(ctx), "the incremental forward_func")[:, -1:]
     res = {i: TokenScores([], True) for i in idx}
@@ -243,11 +269,15 @@ def _packed_question(f: Any, chunk: list[tuple[Ids, list[int]]], requests: Seque
     tree = torch.zeros((1, n, n), dtype=torch.bool)
     start = 0
     for _, t in tails:
-        tree[0, start : start + len(t), start : start + len(t)] = torch.tril(torch.ones(len(t), len(t), dtype=torch.bool))
+        tree[0, start : start + len(t), start : start + len(t)] = torch.tril(
+            torch.ones(len(t), len(t), dtype=torch.bool)
+        )
         start += len(t)
     logits = f.forward_packed(ids, pos, tree)
     logits = all_logits(logits, 1, n, "forward_packed")
-    rows, flat_pos, tgt = [], [], []
+    rows: list[int] = []
+    flat_pos: list[int] = []
+    tgt: list[int] = []
     start = 0
     for i, t in tails:
         rows += [0] * len(t)
@@ -257,7 +287,10 @@ def _packed_question(f: Any, chunk: list[tuple[Ids, list[int]]], requests: Seque
     lps, greedy = _score_rows(logits, rows, flat_pos, tgt)
     start = 0
     for i, t in tails:
-        res[i] = TokenScores(res[i].logprobs + lps[start : start + len(t)], res[i].is_greedy and all(greedy[start : start + len(t)]))
+        res[i] = TokenScores(
+            res[i].logprobs + lps[start : start + len(t)],
+            res[i].is_greedy and all(greedy[start : start + len(t)]),
+        )
         start += len(t)
     return res
 
@@ -277,7 +310,9 @@ def score_requests(
         raise ValueError(f"max_length must be None or an int >= 1, got {max_length!r}")
     for ctx, _ in requests:
         if not ctx:
-            raise ValueError("a context is empty: give at least one token (score_texts uses the BOS/prefix token)")
+            raise ValueError(
+                "a context is empty: give at least one token (score_texts uses the BOS/prefix token)"
+            )
     incremental = is_incremental(forward_func) if use_cache is None else use_cache
     if incremental and not is_incremental(forward_func):
         raise ValueError("use_cache=True needs an incremental forward_func (with reset() and rewind())")

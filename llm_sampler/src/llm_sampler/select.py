@@ -45,7 +45,9 @@ class TokenSelector:
             return vals
         return torch.full_like(scores, P.NEG_INF).scatter_(1, idx, vals)
 
-    def _warp(self, input_ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _warp(
+        self, input_ids: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (values, token ids of the values or None for the whole vocabulary)."""
         cfg = self.config
         idx = None

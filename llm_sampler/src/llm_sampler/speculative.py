@@ -64,13 +64,25 @@ def speculative_sample(
         raise ValueError("speculative decoding takes num_return_sequences=1")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    ids, mask = as_batch(input_ids, None)
+    ids, _ = as_batch(input_ids, None)
     if ids.shape[0] != 1:
         raise ValueError(f"speculative decoding runs one sequence at a time, got a batch of {ids.shape[0]}")
     gen = None
     if config.seed is not None:
-        gen = torch.Generator(device=ids.device).manual_seed(int(config.seed if isinstance(config.seed, int) else config.seed[0]))
-    return _run(forward_func, draft_forward_func, ids, config, max_new_tokens, gen, prompt_lookup_num_tokens or num_draft_tokens, max_matching_ngram_size, prompt_lookup_num_tokens is not None)
+        gen = torch.Generator(device=ids.device).manual_seed(
+            int(config.seed if isinstance(config.seed, int) else config.seed[0])
+        )
+    return _run(
+        forward_func,
+        draft_forward_func,
+        ids,
+        config,
+        max_new_tokens,
+        gen,
+        prompt_lookup_num_tokens or num_draft_tokens,
+        max_matching_ngram_size,
+        prompt_lookup_num_tokens is not None,
+    )
 
 
 def _probs(selector: TokenSelector, prefix: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -135,13 +147,19 @@ def _run(
                 drafts.append(tok)
                 q.append(qd)
                 seq = torch.cat([seq, torch.tensor([[tok]], device=ids.device)], 1)
-        seq = torch.cat([ids, torch.tensor([drafts], dtype=torch.long, device=ids.device)], 1) if drafts else ids
+        seq = (
+            torch.cat([ids, torch.tensor([drafts], dtype=torch.long, device=ids.device)], 1)
+            if drafts
+            else ids
+        )
         _catch_up(tcall, t_seen, seq[0].tolist())
         n_out = seq.shape[1] - tcall.sent
         out = tcall(seq, None)
         t_seen = seq[0].tolist()
         if n_out < len(drafts) + 1:
-            raise AssertionError("target cache out of step")  # _catch_up leaves the drafts and one more to send
+            raise AssertionError(
+                "target cache out of step"
+            )  # _catch_up leaves the drafts and one more to send
         logits = all_logits(out, 1, n_out, "forward_func")[0, -(len(drafts) + 1) :]
         accepted: list[int] = []
         for i in range(len(drafts) + 1):

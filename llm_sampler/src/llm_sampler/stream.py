@@ -22,7 +22,7 @@ def _decoder(tokenizer_or_decode: Any) -> Callable[[list[int]], str]:
     if hasattr(tokenizer_or_decode, "decode"):
         return lambda ids: tokenizer_or_decode.decode(ids)
     if callable(tokenizer_or_decode):
-        return tokenizer_or_decode  # type: ignore[no-any-return]
+        return tokenizer_or_decode
     raise TypeError("TextStreamer needs a tokenizer with decode() or a decode function list[int] -> str")
 
 

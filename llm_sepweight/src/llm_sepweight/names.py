@@ -35,6 +35,7 @@ class NameRule:
     end: tuple[str, ...]  # ... and to end; lm_head is always end
     embedding: str  # the begin tensor a tied head copies
     extras: tuple[str, ...] = ()  # prefixes kept whole in begin (a multimodal model's vision tower ...)
+    lenient: bool = False  # guessed rules: any other name goes to end
 
 
 _LLAMA = NameRule(("model.",), "layers", ("embed_tokens",), ("norm",), "embed_tokens.weight")
@@ -103,7 +104,7 @@ def generic_rule(names: Iterable[str]) -> NameRule:
             embedding = next(
                 (f"{t}.weight" for t in begin if f"{base}{t}.weight" in names and "pos" not in t), ""
             )
-            return NameRule((base,), container, begin, end, embedding)
+            return NameRule((base,), container, begin, end, embedding, lenient=True)
     raise ValueError(
         "cannot find decoder layers in the tensor names (expected '*.layers.N.*', '*.h.N.*' or "
         f"'*.blocks.N.*'); first names: {names[:5]}"
@@ -140,6 +141,9 @@ def locate(rule: NameRule, name: str) -> Location | None:
             return Location("begin", None, rest)
         if first in rule.end:
             return Location("end", None, rest)
+    if rule.lenient:
+        base = next((b for b in rule.bases if name.startswith(b)), "")
+        return Location("end", None, name[len(base) :])
     raise ValueError(
         f"tensor {name!r} matches no name rule (bases {list(rule.bases)}, layers {rule.layers!r}, "
         f"begin {list(rule.begin)}, end {list(rule.end)}); pass a decider to convert it"

@@ -116,6 +116,10 @@ class VariantAttention(Attention):
 
     def forward(self, x: torch.Tensor, step: Step, kv: KV | None = None) -> torch.Tensor:
         b, t, _ = x.shape
+        if step.rows is not None and (self.alibi or self.chunk_size is not None):
+            # packed prefix trees place tokens at non-contiguous positions; the position-derived masks
+            # and biases here assume a plain sequence
+            raise NotImplementedError("forward_packed does not support ALiBi or chunked attention layers")
         q, k, v = self.project(x)  # (B, T, H, D)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
