@@ -96,3 +96,22 @@ def test_unpadded_and_chunked_prefill(name: str) -> None:
 def test_supported_architectures_lists_the_new_families() -> None:
     listed = set(supported_architectures())
     assert {model_type(name) for name in MORE} <= listed
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "falcon-rw-alibi", "llama4_text"])
+def test_greedy_continuations_equal_hf_generate_with_left_padding(name: str) -> None:
+    """transformers' own `generate` (which derives positions from the mask for learned-position models)."""
+    path = fixtures.tiny_checkpoint(name)
+    hf = hf_model(name)
+    f = load_part(path, "f").as_forward_func()
+    ids, mask = left_padded(256, [11, 6, 9], seed=3)
+    with torch.inference_mode():
+        ref = hf.generate(
+            ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
+        )
+        logits = f(ids, attention_mask=mask)
+        tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(11):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            tokens.append(f(tokens[-1], attention_mask=mask)[:, -1].argmax(-1, keepdim=True))
+    assert torch.equal(torch.cat(tokens, 1), ref[:, ids.shape[1] :])

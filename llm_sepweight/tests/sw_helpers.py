@@ -68,7 +68,9 @@ def expected_from_files(
             outer[name.removeprefix(body)] = t
     if "lm_head.weight" not in outer:
         weight = model.get_input_embeddings().weight
-        outer["lm_head.weight"] = next(t for t in outer.values() if t.shape == weight.shape and torch.equal(t, weight))
+        outer["lm_head.weight"] = next(
+            t for t in outer.values() if t.shape == weight.shape and torch.equal(t, weight)
+        )
     # the tensors transformers loaded unchanged must be the same
     module_outer, module_layers = expected_parts(model, num_layers)
     for want, got in [(module_outer, outer), *zip(module_layers, layers, strict=True)]:

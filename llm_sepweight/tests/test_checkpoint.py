@@ -100,3 +100,22 @@ def test_dtype_on_load_and_convert(smollm2_sepweight: Path, smollm2_hf: Path, tm
     layer = small.layer_state_dict(3)
     assert all(torch.equal(layer[k], bf16[k]) for k in bf16)
     assert all(t.dtype == torch.float32 for t in small.layer_state_dict(3, dtype=torch.float32).values())
+
+
+def test_device_transfer_logic_on_cpu(tmp_path: Path) -> None:
+    """The one-copy-per-file path used for CUDA (pinned staging, device views), run on CPU."""
+    from llm_sepweight.materialize import bulk_transfer
+
+    ckpt = Checkpoint(convert(tiny("llama"), tmp_path / "sw", progress=False))
+    want = ckpt.layer_state_dict(2)
+    mapped = ckpt._open("mid.00002.safetensors")
+    assert not isinstance(mapped, dict)
+    infos = [(name, mapped.infos[name]) for name in mapped.infos]
+    for dtype in (None, torch.bfloat16):
+        got = bulk_transfer(mapped, infos, torch.device("cpu"), dtype, pin=False)
+        assert sorted(got) == sorted(want)
+        for k, t in want.items():
+            assert torch.equal(got[k], t if dtype is None else t.to(dtype))
+    few = infos[:1]  # a small part of the file: sent tensor by tensor instead
+    got = bulk_transfer(mapped, few, torch.device("cpu"), None, pin=False)
+    assert torch.equal(got[few[0][0]], want[few[0][0]])

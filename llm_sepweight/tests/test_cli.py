@@ -37,7 +37,11 @@ def test_cli_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert info["kind"] == "sepweight" and info["num_layers"] == 4 and info["tied_embeddings"] is True
     assert main(["verify", str(out)]) == 0 and "OK" in capsys.readouterr().out
     assert main(["files", "b 0-2", str(out)]) == 0
-    assert capsys.readouterr().out.split() == ["begin.safetensors", "mid.00000.safetensors", "mid.00001.safetensors"]
+    assert capsys.readouterr().out.split() == [
+        "begin.safetensors",
+        "mid.00000.safetensors",
+        "mid.00001.safetensors",
+    ]
     assert main(["files", "2-3 e"]) == 0
     assert capsys.readouterr().out.split() == ["mid.00002.safetensors", "end.safetensors"]
     assert main(["info", str(src)]) == 0 and "hf" in capsys.readouterr().out
@@ -53,7 +57,9 @@ def test_cli_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         (["info", "{tmp}"], "not a checkpoint directory"),
     ],
 )
-def test_cli_errors(args: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_errors(
+    args: list[str], expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 1
     assert expected in capsys.readouterr().err
 

@@ -27,7 +27,13 @@ def test_dump_then_load_to_dict(tmp_path: Path) -> None:
     part = load(out, "b 0-2")
     assert isinstance(part, PartStateDict)
     flat = part.to_dict()
-    assert sorted(flat) == ["begin.wte.weight", "mid.0.attn.weight", "mid.0.mlp.bias", "mid.1.attn.weight", "mid.1.mlp.bias"]
+    assert sorted(flat) == [
+        "begin.wte.weight",
+        "mid.0.attn.weight",
+        "mid.0.mlp.bias",
+        "mid.1.attn.weight",
+        "mid.1.mlp.bias",
+    ]
     assert torch.equal(flat["mid.1.attn.weight"], state["h.1.attn.weight"])
     full = load(out, "f").to_dict()
     assert torch.equal(full["end.ln_f.weight"], state["ln_f.weight"]) and len(full) == len(state)
@@ -36,7 +42,11 @@ def test_dump_then_load_to_dict(tmp_path: Path) -> None:
 def test_get_filenames() -> None:
     assert get_filenames("b 0-2") == ["begin.safetensors", "mid.00000.safetensors", "mid.00001.safetensors"]
     assert get_filenames("5-6 e") == ["mid.00005.safetensors", "end.safetensors"]
-    assert get_filenames("f", num_layers=1) == ["begin.safetensors", "mid.00000.safetensors", "end.safetensors"]
+    assert get_filenames("f", num_layers=1) == [
+        "begin.safetensors",
+        "mid.00000.safetensors",
+        "end.safetensors",
+    ]
 
 
 class _Layer(nn.Module):
@@ -51,7 +61,11 @@ class _Layer(nn.Module):
 
 
 def test_lazy_load_into_a_0_10_part(tmp_path: Path) -> None:
-    state = {f"h.{i}.{k}": torch.randn(*s) for i in range(3) for k, s in (("attn.weight", (4, 4)), ("mlp.bias", (4,)))}
+    state = {
+        f"h.{i}.{k}": torch.randn(*s)
+        for i in range(3)
+        for k, s in (("attn.weight", (4, 4)), ("mlp.bias", (4,)))
+    }
     state["wte.weight"] = torch.randn(8, 4)
     out = dump(_decider, state, tmp_path / "out")
     part = Part(mid=_Layer, mid_range=range(1, 3))

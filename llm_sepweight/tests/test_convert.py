@@ -11,7 +11,6 @@ from sw_helpers import tiny
 
 from llm_sepweight import Checkpoint, VerifyError, convert, verify
 
-
 convert_module = importlib.import_module("llm_sepweight.convert")
 
 
@@ -104,7 +103,9 @@ def test_interrupted_conversion_resumes_and_never_looks_complete(
     monkeypatch.setattr(convert_module, "_write_file", real_write)
     written: list[str] = []
     monkeypatch.setattr(
-        convert_module, "_write_file", lambda path, *a, **k: written.append(path.name) or real_write(path, *a, **k)
+        convert_module,
+        "_write_file",
+        lambda path, *a, **k: written.append(path.name) or real_write(path, *a, **k),
     )
     convert(llama, out, progress=False)
     assert "begin.safetensors" not in written and len(written) == 6 - 3  # 4 layers + begin + end, 3 done
@@ -150,7 +151,9 @@ def test_state_dict_and_pth_files_with_decider(llama: Path, tmp_path: Path) -> N
     half = sorted(state)
     torch.save({k: state[k] for k in half[:10]}, tmp_path / "a.pth")
     torch.save({k: state[k] for k in half[10:]}, tmp_path / "b.pth")
-    out = convert([tmp_path / "a.pth", tmp_path / "b.pth"], tmp_path / "pth", decider=_decider, progress=False)
+    out = convert(
+        [tmp_path / "a.pth", tmp_path / "b.pth"], tmp_path / "pth", decider=_decider, progress=False
+    )
     _same(out, reference)
     with pytest.raises(ValueError, match="decider"):
         convert(state, tmp_path / "x", progress=False)
@@ -174,7 +177,10 @@ def test_legacy_0_10_directory_loads_and_converts(llama: Path, tmp_path: Path) -
         prefix = f"model.layers.{i}."
         layer = {f"h.{i}.{k[len(prefix) :]}": v for k, v in state.items() if k.startswith(prefix)}
         torch.save(layer, legacy / f"mid.{i:05d}.pth")
-    torch.save({"norm.weight": state["model.norm.weight"], "lm_head.weight": state["lm_head.weight"]}, legacy / "end.pth")
+    torch.save(
+        {"norm.weight": state["model.norm.weight"], "lm_head.weight": state["lm_head.weight"]},
+        legacy / "end.pth",
+    )
     ckpt = Checkpoint(legacy)
     assert ckpt.kind == "pth" and ckpt.num_layers == 4
     reference = Checkpoint(convert(llama, tmp_path / "ref", progress=False))

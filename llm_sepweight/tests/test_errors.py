@@ -89,9 +89,9 @@ def test_manifest_disagrees_with_files(copy: Path) -> None:
 
 def test_bad_manifest(copy: Path) -> None:
     (copy / "manifest.json").write_text("{not json")
-    with pytest.raises(ManifestError, match="manifest.json: not valid JSON"):
+    with pytest.raises(ManifestError, match=r"manifest\.json: not valid JSON"):
         Checkpoint(copy)
-    with pytest.raises(VerifyError, match="manifest.json"):
+    with pytest.raises(VerifyError, match=r"manifest\.json"):
         verify(copy)
     (copy / "manifest.json").write_text(json.dumps({"format": "sepweight", "version": 99}))
     with pytest.raises(ManifestError, match="version 99"):
@@ -109,7 +109,7 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):
         Checkpoint(tmp_path / "hf")
     with pytest.raises(FileNotFoundError, match="no such file"):
         convert(tmp_path / "missing.gguf", tmp_path / "out", progress=False)

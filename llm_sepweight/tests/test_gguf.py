@@ -69,7 +69,11 @@ def test_config_matches_transformers(converted: tuple[str, Path]) -> None:
     ref_dir, kwargs = _reference_kwargs(name)
     ours = AutoConfig.from_pretrained(out).to_dict()
     ref = AutoConfig.from_pretrained(ref_dir, **kwargs).to_dict()
-    diff = {k: (ours.get(k), ref.get(k)) for k in set(ours) | set(ref) if k not in _NAME_KEYS and ours.get(k) != ref.get(k)}
+    diff = {
+        k: (ours.get(k), ref.get(k))
+        for k in set(ours) | set(ref)
+        if k not in _NAME_KEYS and ours.get(k) != ref.get(k)
+    }
     assert not diff
     assert json.loads((out / "config.json").read_text()) == Checkpoint(out).config
 

@@ -187,14 +187,14 @@ class NaiveLoop:
 # -- CPU ----------------------------------------------------------------------------------------------------
 
 
-def cpu_bench(quick: bool) -> dict[str, Any]:
+def cpu_bench(quick: bool, reps: int | None = None) -> dict[str, Any]:
     torch.set_num_threads(2)
     hf_dir = Path(fixtures.real_checkpoint("smollm2"))
     sw = sepweight_dir()
     n_layers = json.loads((sw / "manifest.json").read_text())["num_layers"]
     files = [sw / f"mid.{i:05d}.safetensors" for i in range(n_layers)]
     tokens = 64 if quick else 256
-    reps = 2 if quick else 5
+    reps = reps or (2 if quick else 5)
     ids = torch.randint(100, 40000, (1, tokens), generator=torch.Generator().manual_seed(0))
 
     resident = load_hf(hf_dir)
@@ -357,17 +357,22 @@ def cpu_bench(quick: bool) -> dict[str, Any]:
 # -- GPU ----------------------------------------------------------------------------------------------------
 
 
-def gpu_bench(quick: bool) -> dict[str, Any]:
-    """Llama-7B-shaped layers, bf16, random, streamed from pinned CPU memory to the GPU."""
+def gpu_bench(quick: bool, device: str = "cuda") -> dict[str, Any]:
+    """Llama-7B-shaped layers, bf16, random, streamed from pinned CPU memory to the GPU.
+
+    `device="cpu"` (`--dry-run-gpu-section`) runs the same code on tiny layers on the CPU, to check the script.
+    """
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
     n_layers = 8 if quick else 32
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+    hidden, inter, heads = (4096, 11008, 32) if on_gpu else (64, 128, 4)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=heads,
                       num_hidden_layers=n_layers, max_position_embeddings=4096)  # fmt: skip
     cfg._attn_implementation = "sdpa"
-    tokens = 512
+    tokens = 512 if on_gpu else 16
     torch.manual_seed(0)
 
     def make_layer(i: int) -> Any:
@@ -379,10 +384,10 @@ def gpu_bench(quick: bool) -> dict[str, Any]:
         return layer.eval()
 
     layers = torch.nn.ModuleList(make_layer(i) for i in range(n_layers))
-    source = CpuSource.from_modules(layers, pin=True)
+    source = CpuSource.from_modules(layers, pin=on_gpu)
     layer_bytes = source.layer_nbytes(0)
     total_bytes = layer_bytes * n_layers
-    rotary = LlamaRotaryEmbedding(cfg, device=dev)
+    rotary = LlamaRotaryEmbedding(cfg).to(dev)
     h0 = torch.randn(1, tokens, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
     pos = torch.arange(tokens, device=dev)[None]
     cos_sin = rotary(h0, pos)
@@ -396,6 +401,9 @@ def gpu_bench(quick: bool) -> dict[str, Any]:
         return h
 
     def cuda_time(fn: Callable[[], Any], reps: int) -> float:
+        if not on_gpu:
+            fn()
+            return statistics.median(timed(fn) for _ in range(reps))
         fn()
         torch.cuda.synchronize()
         times = []
@@ -410,7 +418,7 @@ def gpu_bench(quick: bool) -> dict[str, Any]:
 
     reps = 3 if quick else 5
     # plain pinned copy_ of the same bytes, layer by layer, into one preallocated buffer
-    host = [torch.empty(layer_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    host = [torch.empty(layer_bytes, dtype=torch.uint8, pin_memory=on_gpu) for _ in range(2)]
     buf = torch.empty(layer_bytes, dtype=torch.uint8, device=dev)
 
     def plain_copy() -> None:
@@ -449,7 +457,7 @@ def gpu_bench(quick: bool) -> dict[str, Any]:
 
     bound = max(compute_s, copy_s)
     results = {
-        "device": torch.cuda.get_device_name(dev),
+        "device": torch.cuda.get_device_name(dev) if on_gpu else "cpu (dry run)",
         "layers": n_layers,
         "layer_bytes": layer_bytes,
         "tokens": tokens,
@@ -478,6 +486,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fast smoke run")
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
+    parser.add_argument("--reps", type=int, default=None, help="rounds of the CPU timings (default 5)")
+    parser.add_argument(
+        "--dry-run-gpu-section", action="store_true", help="the GPU section's code, tiny, on CPU"
+    )
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement
     parser.add_argument("--tokens", type=int, default=256, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
@@ -486,8 +498,11 @@ def main() -> None:
         run_probe(args.probe, args.tokens, args.budget)
         return
     results: dict[str, Any] = {"command": " ".join(sys.argv), "quick": args.quick}
+    if args.dry_run_gpu_section:
+        gpu_bench(quick=True, device="cpu")
+        return
     if not args.skip_cpu:
-        results["cpu"] = cpu_bench(args.quick)
+        results["cpu"] = cpu_bench(args.quick, args.reps)
     if torch.cuda.is_available():
         results["gpu"] = gpu_bench(args.quick)
     else:

@@ -19,6 +19,7 @@ Throughput = bytes of the part / time.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -44,6 +45,8 @@ Tensors = dict[str, torch.Tensor]
 
 OLD_SCRIPT = r"""
 import json, statistics, sys, time
+from collections.abc import Callable
+Tensors = dict
 sys.path.insert(0, sys.argv[1])
 import torch
 import llm_sepweight
@@ -86,21 +89,20 @@ def _prepare(cache: Path) -> tuple[Path, Path]:
     return sw, old
 
 
-TOUCH = """
-def page_in(tensors):
+def page_in(tensors: Tensors) -> None:
     # one byte of every 4 KiB page: what a memory map defers (page faults), without a full read
     for t in tensors.values():
         t.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
-def copy_all(tensors, sink):
+def copy_all(tensors: Tensors, sink: torch.Tensor) -> None:
     # every byte read once: copy each tensor into one reused buffer (memory bandwidth, no allocation)
     for t in tensors.values():
         flat = t.reshape(-1).view(torch.uint8)
         sink[: flat.numel()].copy_(flat)
 
 
-def measure(load, repeats):
+def measure(load: Callable[[], Tensors], repeats: int) -> dict[str, float]:
     ready, paged, copied = [], [], []
     sink = torch.empty(256 << 20, dtype=torch.uint8)
     for r in range(repeats + 1):  # the first run warms the page cache
@@ -116,13 +118,19 @@ def measure(load, repeats):
             paged.append(t2 - t0)
             copied.append(t3 - t0)
         del tensors
-    return {"ready": statistics.median(ready), "paged_in": statistics.median(paged), "copied": statistics.median(copied)}
-"""
-exec(TOUCH)  # the same code runs in the 0.10 subprocess
+    return {
+        "ready": statistics.median(ready),
+        "paged_in": statistics.median(paged),
+        "copied": statistics.median(copied),
+    }
+
+
+# the same measuring code runs in the 0.10 subprocess
+TOUCH = "\n\n".join(inspect.getsource(f) for f in (page_in, copy_all, measure))
 
 
 def _time(load: Callable[[], Tensors], repeats: int) -> dict[str, float]:
-    return measure(load, repeats)  # type: ignore[name-defined]  # noqa: F821
+    return measure(load, repeats)
 
 
 def _ours(sw: Path, spec: str) -> Callable[[], Tensors]:
@@ -165,13 +173,17 @@ def _collector(hf: Path, spec: PartSpec, cache: Path) -> Callable[[], Tensors] |
     try:
         load()
     except Exception as e:  # e.g. it needs the hub for something: report and go on
-        print(f"note: llm-layer-collector could not load the model offline ({type(e).__name__}: {e}); skipping it")
+        print(
+            f"note: llm-layer-collector could not load the model offline ({type(e).__name__}: {e}); skipping it"
+        )
         return None
     return load
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="2 repeats")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--spec", default="b 0-15")
@@ -206,7 +218,9 @@ def main() -> None:
     ours = rows["llm_sepweight"]
     cols = ("ready", "paged_in", "copied")
     print(f"\nspec {args.spec!r}: {nbytes / 1e6:.0f} MB fp32, hot page cache, median of {repeats}")
-    print("seconds (GB/s) until: tensors ready | every page mapped | every byte copied once; ours/this throughput\n")
+    print(
+        "seconds (GB/s) until: tensors ready | every page mapped | every byte copied once; ours/this throughput\n"
+    )
     print(f"{'':27}" + "".join(f"{c:>17}" for c in cols) + "".join(f"{'x ' + c:>13}" for c in cols))
     for name, r in rows.items():
         cells = "".join(f"{r[c]:9.3f} ({nbytes / r[c] / 1e9:4.1f})" for c in cols)

@@ -12,13 +12,14 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from .backend import Backend, LayerLayout
+from .binding import WeightBinding, managed_names
 from .blocks import BlockRunner
 from .cpu import CpuBackend
 from .scheduler import OffloadError, Scheduler
@@ -27,51 +28,6 @@ from .stats import OffloadStats, StatsRecorder
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class _Binding:
-    """One module's managed tensors: where each lives (owner module, leaf name) and its meta placeholder."""
-
-    def __init__(self, module: nn.Module, managed: Sequence[str]) -> None:
-        self.module = module
-        self.entries: list[tuple[str, nn.Module, str, bool, torch.Tensor]] = []
-        for name in managed:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            is_param = leaf in owner._parameters
-            current = owner._parameters[leaf] if is_param else owner._buffers[leaf]
-            assert current is not None
-            meta = torch.empty(current.shape, dtype=current.dtype, device="meta")
-            placeholder = nn.Parameter(meta, requires_grad=False) if is_param else meta
-            self.entries.append((name, owner, leaf, is_param, placeholder))
-
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {name: (tuple(p.shape), p.dtype) for name, _, _, _, p in self.entries}
-
-    def assign(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        for name, owner, leaf, is_param, _ in self.entries:
-            t = tensors[name]
-            if is_param:
-                owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-            else:
-                owner._buffers[leaf] = t
-
-    def clear(self) -> None:
-        for _, owner, leaf, is_param, placeholder in self.entries:
-            if is_param:
-                owner._parameters[leaf] = placeholder  # type: ignore[assignment]
-            else:
-                owner._buffers[leaf] = placeholder
-
-
-def _managed_names(module: nn.Module, source_keys: Iterable[str] | None) -> list[str]:
-    """Parameters, plus the persistent buffers the source also holds (a KV cache kept as a buffer stays)."""
-    names = [n for n, _ in module.named_parameters()]
-    if source_keys is not None:
-        keys = set(source_keys)
-        state = module.state_dict(keep_vars=True)
-        names += [n for n, _ in module.named_buffers() if n in keys and n in state]
-    return names
 
 
 class Offload:
@@ -113,7 +69,9 @@ class Offload:
         self.backend = backend
 
         keys = [self._source_keys(i) for i in range(n)]
-        self._bindings = [_Binding(m, _managed_names(m, k)) for m, k in zip(self.modules, keys, strict=True)]
+        self._bindings = [
+            WeightBinding(m, managed_names(m, k)) for m, k in zip(self.modules, keys, strict=True)
+        ]
         self.layouts = [LayerLayout.pack(b.shapes()) for b in self._bindings]
         need = [max(lay.nbytes, _source_nbytes(self.source, i)) for i, lay in enumerate(self.layouts)]
         self.resident = self._plan_resident(resident, need, prefetch_depth, max_resident_bytes)

@@ -29,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("convert", help="convert an HF directory, a .gguf file or a 0.10 directory")
     p.add_argument("src", help="HF checkpoint directory, .gguf file, or llm_sepweight 0.10 directory")
-    p.add_argument("out", help="the sepweight directory to write (must not exist, be empty, or be unfinished)")
+    p.add_argument(
+        "out", help="the sepweight directory to write (must not exist, be empty, or be unfinished)"
+    )
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="store floating tensors in this dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = sub.add_parser("info", help="describe a sepweight or HF checkpoint directory")
@@ -66,10 +68,14 @@ def _info(path: str, as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     try:
         if args.command == "convert":
-            out = convert(args.src, args.out, dtype=_DTYPES.get(args.dtype or ""), progress=not args.no_progress)
+            out = convert(
+                args.src, args.out, dtype=_DTYPES.get(args.dtype or ""), progress=not args.no_progress
+            )
             print(out)
         elif args.command == "info":
             _info(args.path, args.json)

@@ -73,7 +73,9 @@ class Part(nn.Module):
         self.begin = begin() if begin is not None else None
         if mid_range is not None and not isinstance(mid_range, range):
             raise TypeError(f"mid_range must be a range, got {type(mid_range).__name__}")
-        self.mid = nn.ModuleDict({str(i): mid() for i in mid_range}) if mid is not None and mid_range else None
+        self.mid = (
+            nn.ModuleDict({str(i): mid() for i in mid_range}) if mid is not None and mid_range else None
+        )
         self.end = end() if end is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

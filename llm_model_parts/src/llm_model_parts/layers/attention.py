@@ -73,20 +73,25 @@ class Attention(nn.Module):
         q, k, v = self.project(x)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if t == 1:  # decode: (B, 1, H, D) and (B, H, 1, D) have the same layout, a view suffices
+            q, k, v = (z.view(b, z.shape[2], 1, self.head_dim) for z in (q, k, v))
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = step.rope[self.layer_type]
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, D)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, H_kv, T, D)
-        v = v.transpose(1, 2)
+        q = apply_rope(q, cos, sin)  # (B, H, T, D)
+        k = apply_rope(k, cos, sin)  # (B, H_kv, T, D)
         view = step.views[self.sliding_window]
         if kv is not None:
             k_cache, v_cache = kv
-            rows = slice(None) if step.rows is None else slice(0, step.rows)
-            k_cache[rows, :, step.start : step.end] = k
-            v_cache[rows, :, step.start : step.end] = v
-            k = k_cache[rows, :, view.key_start : step.end]
-            v = v_cache[rows, :, view.key_start : step.end]
+            if step.rows is not None:  # packed calls write (and read) batch row 0 only
+                k_cache, v_cache = k_cache.narrow(0, 0, step.rows), v_cache.narrow(0, 0, step.rows)
+            k_cache.narrow(2, step.start, t).copy_(k)
+            v_cache.narrow(2, step.start, t).copy_(v)
+            k = k_cache.narrow(2, view.key_start, step.end - view.key_start)
+            v = v_cache.narrow(2, view.key_start, step.end - view.key_start)
         out = attend(q, k, v, view, self.scaling, self.softcap)  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        out = out.view(b, 1, -1) if t == 1 else out.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out)
 
 
 def attend(
