@@ -114,3 +114,17 @@ def test_real_checkpoints_read_as_transformers_5_dialect() -> None:
     assert gemma.layer_types.count("full_attention") == 3 and gemma.sliding_window == 512
     smol = ModelConfig.from_hf(json.loads((fixtures.real_checkpoint("smollm2") / "config.json").read_text()))
     assert smol.rope_parameters["full_attention"].rope_theta == 100_000.0 and smol.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", ["gemma3_text", "phi3-longrope"])
+def test_sepweight_directory_loads_like_the_hf_checkpoint(name: str, tmp_path: Path) -> None:
+    """A part loaded from an llm_sepweight directory equals one loaded from the HF checkpoint."""
+    from llm_sepweight import convert
+
+    src = fixtures.tiny_checkpoint(name)
+    out = convert(src, tmp_path / "sw", progress=False)
+    ids = torch.randint(3, 256, (2, 9))
+    with torch.inference_mode():
+        ref = load_part(src, "f")(ids)
+        got = [load_part(out, spec) for spec in ("b 0-2", "2-4 e")]
+        torch.testing.assert_close(got[1](got[0](ids)), ref, atol=0, rtol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import fixtures
@@ -71,9 +72,30 @@ def expected_from_files(
         outer["lm_head.weight"] = next(
             t for t in outer.values() if t.shape == weight.shape and torch.equal(t, weight)
         )
-    # the tensors transformers loaded unchanged must be the same
+    # the tensors transformers loaded unchanged must be the same, and its fused experts the stacked per-expert ones
     module_outer, module_layers = expected_parts(model, num_layers)
     for want, got in [(module_outer, outer), *zip(module_layers, layers, strict=True)]:
         for k in set(want) & set(got):
             assert torch.equal(want[k], got[k]), k
+        _check_fused_experts(want, got)
     return outer, layers
+
+
+_EXPERT = re.compile(r"(?:.*\.)?experts\.(\d+)\.(gate_proj|w1|up_proj|w3|down_proj|w2)\.weight")
+
+
+def _check_fused_experts(module: dict[str, torch.Tensor], files: dict[str, torch.Tensor]) -> None:
+    """transformers 5 holds experts as gate_up_proj (E, 2I, H) = [gate; up] and down_proj (E, H, I)."""
+    experts: dict[str, dict[int, torch.Tensor]] = {"gate": {}, "up": {}, "down": {}}
+    for name, t in files.items():
+        if m := _EXPERT.fullmatch(name):
+            kind = {"w1": "gate", "w3": "up", "w2": "down"}.get(m.group(2), m.group(2).removesuffix("_proj"))
+            experts[kind][int(m.group(1))] = t
+    fused = {k: v for k, v in module.items() if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    if not experts["gate"] or not fused:
+        return
+    n = len(experts["gate"])
+    gate_up = torch.stack([torch.cat([experts["gate"][e], experts["up"][e]]) for e in range(n)])
+    down = torch.stack([experts["down"][e] for e in range(n)])
+    for name, t in fused.items():
+        assert torch.equal(t, gate_up if name.endswith("gate_up_proj") else down), name

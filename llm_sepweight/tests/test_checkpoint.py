@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sw_helpers import TINY_NAMES, assert_same, expected_parts, tiny
+from sw_helpers import TINY_NAMES, assert_same, expected_from_files, tiny
 
 from llm_sepweight import Checkpoint, PartSpec, PartStateDict, convert, load
 
@@ -15,8 +15,9 @@ def _hf_model(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _check_against_transformers(ckpt: Checkpoint, model: torch.nn.Module) -> None:
-    outer, layers = expected_parts(model, ckpt.num_layers)
+def _check_against_transformers(ckpt: Checkpoint, model: torch.nn.Module, src: Path) -> None:
+    """Every tensor of the part equals the checkpoint's, and what transformers loaded where it loads it unchanged."""
+    outer, layers = expected_from_files(src, model, ckpt.num_layers)
     parts = ckpt.load("f")
     assert parts.begin is not None and parts.end is not None
     assert set(parts.begin).isdisjoint(parts.end)
@@ -33,13 +34,13 @@ def test_tiny_hf_view_and_conversion_match_transformers(name: str, tmp_path: Pat
     model = _hf_model(src)
     hf = Checkpoint(src)
     assert hf.kind == "hf" and hf.num_layers == model.config.num_hidden_layers
-    _check_against_transformers(hf, model)
+    _check_against_transformers(hf, model, src)
     out = convert(src, tmp_path / "sw", progress=False)
     sw = Checkpoint(out)
     assert sw.kind == "sepweight" and sw.config == hf.config and sw.architecture == hf.architecture
     assert sw.tied_embeddings == hf.tied_embeddings
     sw.verify()
-    _check_against_transformers(sw, model)
+    _check_against_transformers(sw, model, src)
 
 
 def test_smollm2_hf_and_sepweight(smollm2_hf: Path, smollm2_sepweight: Path) -> None:
@@ -47,7 +48,7 @@ def test_smollm2_hf_and_sepweight(smollm2_hf: Path, smollm2_sepweight: Path) -> 
     for path in (smollm2_hf, smollm2_sepweight):
         ckpt = Checkpoint(path)
         assert ckpt.architecture == "llama" and ckpt.num_layers == 30 and ckpt.tied_embeddings
-        _check_against_transformers(ckpt, model)
+        _check_against_transformers(ckpt, model, smollm2_hf)
 
 
 def test_gemma3_hf_and_sepweight(gemma3_hf: Path, gemma3_sepweight: Path) -> None:
@@ -55,7 +56,7 @@ def test_gemma3_hf_and_sepweight(gemma3_hf: Path, gemma3_sepweight: Path) -> Non
     for path in (gemma3_hf, gemma3_sepweight):
         ckpt = Checkpoint(path)
         assert ckpt.architecture == "gemma3_text" and ckpt.num_layers == 18 and ckpt.tied_embeddings
-        _check_against_transformers(ckpt, model)
+        _check_against_transformers(ckpt, model, gemma3_hf)
 
 
 def test_part_loading_and_files(smollm2_sepweight: Path, smollm2_hf: Path) -> None:

@@ -57,7 +57,7 @@ def _write_model(path: Path, layers: int, layer_mb: float) -> int:
 
 
 def test_peak_memory_is_bounded_by_one_file(tmp_path: Path) -> None:
-    total_mb = float(os.environ.get("LLM_SEPWEIGHT_RSS_MB", "240"))
+    total_mb = float(os.environ.get("LLM_SEPWEIGHT_RSS_MB", "160"))
     layers = 24
     layer_mb = total_mb / (layers + 1)
     size = _write_model(tmp_path / "big", layers, layer_mb)

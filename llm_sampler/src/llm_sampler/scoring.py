@@ -205,10 +205,11 @@ def _incremental_batch(
     conts: dict[int, Ids] = {i: requests[i][1] for _, idx in chunk for i in idx}
     res = {i: TokenScores([], True) for i in conts}
     first = [(b, i) for b, (_, idx) in enumerate(chunk) for i in idx if conts[i]]
+    # only options of 2+ tokens need a slot; longest first, so that the slots' widths line up across questions
+    multi = [sorted((i for i in idx if len(conts[i]) > 1), key=lambda i: -len(conts[i])) for _, idx in chunk]
     f.reset()
-    n_slots = max(len(idx) for _, idx in chunk)
-    for slot in range(n_slots):
-        owners = [idx[slot] if slot < len(idx) else -1 for _, idx in chunk]
+    for slot in range(max(1, *(len(m) for m in multi))):
+        owners = [m[slot] if slot < len(m) else -1 for m in multi]
         tails = [conts[i][:-1] if i >= 0 else () for i in owners]
         n = max(len(t) for t in tails)
         if slot > 0 and n == 0:
