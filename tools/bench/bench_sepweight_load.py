@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,9 +36,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 import fixtures  # noqa: E402
 
 from llm_sepweight import Checkpoint, PartSpec, convert  # noqa: E402
-
-OLD_WHEEL_DIR = Path(os.environ.get("LLM_SEPWEIGHT_OLD", "/tmp/wheels/old"))
-OLD_WHEEL = Path("/tmp/wheels/llm_sepweight-0.10.0-py3-none-any.whl")
 
 Tensors = dict[str, torch.Tensor]
 
@@ -61,15 +57,12 @@ print(json.dumps(result))
 
 
 def _old_wheel_dir() -> Path | None:
-    if (OLD_WHEEL_DIR / "llm_sepweight" / "__init__.py").is_file():
-        return OLD_WHEEL_DIR
-    if OLD_WHEEL.is_file():
-        import zipfile
-
-        target = Path(tempfile.mkdtemp(prefix="llm_sepweight_010_"))
-        zipfile.ZipFile(OLD_WHEEL).extractall(target)
-        return target
-    return None
+    """The original llm_sepweight 0.10 unpacked (downloaded once into the fixtures cache)."""
+    try:
+        return fixtures.original_package("llm-sepweight==0.10.0")
+    except Exception as e:  # no registry reachable: the row is skipped with a note
+        print(f"note: could not fetch llm-sepweight 0.10.0: {e}")
+        return None
 
 
 def _prepare(cache: Path) -> tuple[Path, Path]:
@@ -199,7 +192,7 @@ def main() -> None:
     rows["safetensors get_tensor"] = _time(_safetensors(sw, args.spec), repeats)
     wheel = _old_wheel_dir()
     if wheel is None:
-        print(f"note: the llm_sepweight 0.10 wheel is not at {OLD_WHEEL} / {OLD_WHEEL_DIR}; skipping it")
+        print("note: the llm_sepweight 0.10 wheel could not be fetched; skipping it")
     else:
         r = subprocess.run(
             [sys.executable, "-c", OLD_SCRIPT, str(wheel), str(old), args.spec, str(repeats), TOUCH],

@@ -28,6 +28,7 @@ from .stats import OffloadStats, StatsRecorder
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_MARK = "_llm_offload_position"  # set on each offloaded module while its hooks are in place
 
 
 class Offload:
@@ -52,6 +53,11 @@ class Offload:
             raise ValueError("offload: no modules given")
         if not all(isinstance(m, nn.Module) for m in self.modules):
             raise TypeError("offload: modules must be nn.Module instances (e.g. hf_model.model.layers)")
+        taken = [i for i, m in enumerate(self.modules) if getattr(m, _MARK, None) is not None]
+        if taken:
+            raise ValueError(
+                f"offload: module {taken[0]} is already offloaded; call .remove() on that Offload first"
+            )
         if prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0, got {prefetch_depth}")
         if max_resident_bytes is not None and max_resident_bytes <= 0:
@@ -127,6 +133,7 @@ class Offload:
         for i in self.resident:
             self._load_resident(i)
         for i, m in enumerate(self.modules):
+            setattr(m, _MARK, i)
             self._handles.append(m.register_forward_pre_hook(self._make_pre_hook(i)))
             self._handles.append(m.register_forward_hook(self._make_post_hook(i), always_call=True))
 
@@ -335,6 +342,9 @@ class Offload:
             self.scheduler.close()
         self.backend.close()
         self._closed = True
+        for m in self.modules:
+            if hasattr(m, _MARK):
+                delattr(m, _MARK)
         for i, b in enumerate(self._bindings):
             if materialize and i not in self.resident:
                 host = self._checked(i, self.source.load(i))

@@ -59,7 +59,8 @@ class TokenSelector:
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, step: int) -> Selection:
         logits = logits.float()
-        bad = (logits.isnan() | (logits == float("inf"))).any(-1)
+        top = logits.amax(-1)  # NaN propagates through max: one pass finds NaN and +inf rows
+        bad = top.isnan() | (top == float("inf"))
         scores = P.apply(self.token_processors, input_ids, logits)
         if self.config.greedy:
             tokens = scores.argmax(-1)

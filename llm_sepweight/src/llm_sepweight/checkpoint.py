@@ -149,8 +149,12 @@ class Checkpoint:
 
     def verify(self) -> None:
         """Check sizes, SHA-256 and tensor shapes against the manifest (sepweight directories only)."""
-        from llm_sepweight.verify import verify
+        from llm_sepweight.verify import VerifyError, verify
 
+        if self.kind != "sepweight":
+            raise VerifyError(
+                f"{self.path}: a {self.kind} checkpoint has no manifest to verify against; convert it first"
+            )
         verify(self.path)
 
     def close(self) -> None:
