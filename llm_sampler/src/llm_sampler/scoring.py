@@ -62,18 +62,34 @@ def _score_rows(
     return lp.tolist(), greedy.tolist()
 
 
+CALL_COST_TOKENS = 64  # the fixed cost of one forward call (reading the weights), in tokens' worth of compute
+
+
 def _batches(lengths: list[int], batch_size: int | None, batch_tokens: int) -> list[list[int]]:
-    """Indices sorted by length (longest first), cut so each batch holds <= batch_tokens padded tokens."""
+    """Indices sorted by length (longest first), cut into batches of at most `batch_size` rows (or, when
+    None, at most `batch_tokens` padded tokens) so that padded tokens plus a fixed cost per call are fewest
+    (dynamic programming over the sorted lengths: padding to a long row wastes more than an extra call)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    sizes = [max(1, lengths[i]) for i in order]
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, max(-1, j - 1 - 512), -1):
+            rows = j - i
+            if (batch_size is not None and rows > batch_size) or (
+                batch_size is None and rows > 1 and rows * sizes[i] > batch_tokens
+            ):
+                break
+            cost = best[i] + CALL_COST_TOKENS + rows * sizes[i]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
     out: list[list[int]] = []
-    for i in order:
-        if out and (batch_size is None or len(out[-1]) < batch_size):
-            width = lengths[out[-1][0]]
-            if batch_size is not None or width * (len(out[-1]) + 1) <= batch_tokens:
-                out[-1].append(i)
-                continue
-        out.append([i])
-    return out
+    j = n
+    while j > 0:
+        out.append(order[cut[j] : j])
+        j = cut[j]
+    return out[::-1]
 
 
 def score_stateless(
