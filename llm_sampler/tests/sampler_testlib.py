@@ -63,14 +63,20 @@ class NaivePacked:
     def forward_packed(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor
     ) -> torch.Tensor:
-        assert self.ids is not None and self.ids.shape[0] == 1
+        if self.ids is None:  # an empty cache: the packed tokens see only each other
+            self.ids = torch.zeros(1, 0, dtype=torch.long)
+        assert self.ids.shape[0] == 1
         self.calls["packed"] += 1
         out = []
         for j in range(input_ids.shape[1]):
             seen = tree_mask[0, j].nonzero()[:, 0]
             assert bool(tree_mask[0, j, j]) and int(position_ids[0, j]) == self.seq_len + len(seen) - 1
+            if len(seen) == 0:
+                raise AssertionError("a packed token must see itself")
             assert self.mask is None or bool(self.mask.all()), "packed continuation of a padded prefix"
             seq = torch.cat([self.ids[0], input_ids[0, seen]])[None]
             with torch.no_grad():
                 out.append(self.model(seq).logits[:, -1].float())
+        if self.seq_len == 0:
+            self.ids = None
         return torch.stack(out, 1)

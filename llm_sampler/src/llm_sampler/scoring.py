@@ -23,6 +23,7 @@ from llm_sampler.forward import ForwardFunc, all_logits, is_incremental
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_TOKENS = 2048
+PACKED_TOKENS = 512  # dense attention over a pack grows with its square: keep packs short
 Ids = tuple[int, ...]
 
 
@@ -176,11 +177,15 @@ def score_incremental(
         for i, r in zip(long, _score_via_reset(f, [requests[i] for i in long], max_length), strict=True):
             results[i] = r
         groups = [g for g, ok in zip(groups, fits, strict=True) if ok]
-    for batch in _batches([len(ctx) for ctx, _ in groups], batch_size, DEFAULT_BATCH_TOKENS):
-        chunk = [groups[g] for g in batch]
-        # a prefix tree takes 2 calls for a question; across questions, slots batch many questions per call
-        run = _packed_question if len(chunk) == 1 and hasattr(f, "forward_packed") else _incremental_batch
-        for i, r in run(f, chunk, requests, pad_id).items():
+    if hasattr(f, "forward_packed"):  # one call per pack of questions, no padding, each context once
+        sizes = [len(ctx) + sum(max(0, len(requests[i][1]) - 1) for i in idx) for ctx, idx in groups]
+        batches = _pack(sizes, PACKED_TOKENS)
+        run = _packed_questions
+    else:  # contexts once (left-padded), then option slots continued from the cache and rewound
+        batches = _batches([len(ctx) for ctx, _ in groups], batch_size, DEFAULT_BATCH_TOKENS)
+        run = _incremental_batch
+    for batch in batches:
+        for i, r in run(f, [groups[g] for g in batch], requests, pad_id).items():
             results[i] = r
     return [r for r in results if r is not None]
 
@@ -264,51 +269,63 @@ def _incremental_batch(
     return res
 
 
-def _packed_question(
+def _pack(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices into consecutive groups of total size <= budget (a larger item goes alone), largest first."""
+    out: list[list[int]] = []
+    total = budget + 1
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if total + sizes[i] > budget:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += sizes[i]
+    return out
+
+
+def _packed_questions(
     f: Any, chunk: list[tuple[Ids, list[int]]], requests: Sequence[tuple[Ids, Ids]], pad_id: int
 ) -> dict[int, TokenScores]:
-    ((ctx, idx),) = chunk
-    f.reset()
-    last = all_logits(f(torch.tensor([ctx])), 1, len(ctx), "the incremental forward_func")[:, -1:]
-    res = {i: TokenScores([], True) for i in idx}
-    live = [i for i in idx if requests[i][1]]
-    if not live:
-        return res
-    lps, greedy = _score_rows(last, [0] * len(live), [0] * len(live), [requests[i][1][0] for i in live])
-    for i, lp, g in zip(live, lps, greedy, strict=True):
-        res[i] = TokenScores([lp], g)
-    tails = [(i, requests[i][1][:-1]) for i in live if len(requests[i][1]) > 1]
-    n = sum(len(t) for _, t in tails)
-    if n == 0:
-        return res
-    ids = torch.tensor([[tok for _, t in tails for tok in t]])
-    pos = torch.tensor([[len(ctx) + k for _, t in tails for k in range(len(t))]])
-    tree = torch.zeros((1, n, n), dtype=torch.bool)
-    start = 0
-    for _, t in tails:
-        tree[0, start : start + len(t), start : start + len(t)] = torch.tril(
-            torch.ones(len(t), len(t), dtype=torch.bool)
-        )
-        start += len(t)
-    logits = f.forward_packed(ids, pos, tree)
-    logits = all_logits(logits, 1, n, "forward_packed")
+    """Whole questions packed in one row after `reset()` (an empty cache): each context once, then every
+    option's tokens but the last, each attending to its own context and to itself (a prefix tree per question)."""
+    ids: list[int] = []
+    pos: list[int] = []
+    blocks: list[tuple[int, int, int, int]] = []  # (start, length, context start, context length)
     rows: list[int] = []
     flat_pos: list[int] = []
     tgt: list[int] = []
-    start = 0
-    for i, t in tails:
-        rows += [0] * len(t)
-        flat_pos += range(start, start + len(t))
-        tgt += requests[i][1][1:]
-        start += len(t)
-    lps, greedy = _score_rows(logits, rows, flat_pos, tgt)
-    start = 0
-    for i, t in tails:
-        res[i] = TokenScores(
-            res[i].logprobs + lps[start : start + len(t)],
-            res[i].is_greedy and all(greedy[start : start + len(t)]),
+    spans: list[tuple[int, int, int]] = []
+    for ctx, idx in chunk:
+        c0 = len(ids)
+        ids += ctx
+        pos += range(len(ctx))
+        blocks.append((c0, len(ctx), c0, 0))
+        for i in idx:
+            cont = requests[i][1]
+            if not cont:
+                continue
+            t0 = len(ids)
+            ids += cont[:-1]
+            pos += range(len(ctx), len(ctx) + len(cont) - 1)
+            blocks.append((t0, len(cont) - 1, c0, len(ctx)))
+            spans.append((i, len(tgt), len(cont)))
+            flat_pos += [c0 + len(ctx) - 1, *range(t0, t0 + len(cont) - 1)]
+            tgt += cont
+    n = len(ids)
+    tree = torch.zeros((1, n, n), dtype=torch.bool)
+    for start, length, c0, c_len in blocks:
+        tree[0, start : start + length, c0 : c0 + c_len] = True
+        tree[0, start : start + length, start : start + length] = torch.tril(
+            torch.ones(length, length, dtype=torch.bool)
         )
-        start += len(t)
+    f.reset()
+    logits = f.forward_packed(torch.tensor([ids]), torch.tensor([pos]), tree)
+    logits = all_logits(logits, 1, n, "forward_packed")
+    res = {i: TokenScores([], True) for _, idx in chunk for i in idx}
+    if tgt:
+        rows = [0] * len(tgt)
+        lps, greedy = _score_rows(logits, rows, flat_pos, tgt)
+        for i, start, k in spans:
+            res[i] = TokenScores(lps[start : start + k], all(greedy[start : start + k]))
     return res
 
 
