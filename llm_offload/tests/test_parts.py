@@ -40,10 +40,9 @@ def test_full_part_streams_with_incremental_cache(tiny_llama_sepweight: Path) ->
 def test_middle_part(tiny_llama_sepweight: Path) -> None:
     ref = llm_model_parts.load_part(tiny_llama_sepweight, "1-3")
     part = llm_model_parts.load_part(tiny_llama_sepweight, "1-3")
-    # Part.device is its first parameter's device: with no begin, keep the first layer resident so that
-    # it is not `meta` (llm_model_parts could take it from a buffer instead).
+    # No begin, no end: every weight of this part streams (Part.device skips the released `meta` tensors).
     off = offload(part.layers, SepweightSource(tiny_llama_sepweight, layers=part.layer_indices), "cpu",
-                  resident=[0], prefetch_depth=1)  # fmt: skip
+                  prefetch_depth=1)  # fmt: skip
     h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(part(h), ref(h))

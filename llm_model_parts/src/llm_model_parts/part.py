@@ -6,6 +6,7 @@ when it holds begin, hidden states otherwise; output: logits when it holds end, 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -187,6 +188,10 @@ class Part(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        # Skip `meta` tensors: llm_offload releases streamed layers' weights to meta between uses.
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            if t.device.type != "meta":
+                return t.device
         return next(self.parameters()).device
 
     @property
