@@ -165,8 +165,8 @@ class PipelineDriver:
             raise NotImplementedError("this pipeline's parts do not offer forward_packed")
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"forward_packed takes input_ids [1, N], got {list(input_ids.shape)}")
-        if self.seq_len == 0 or not self._groups:
-            raise ValueError("forward_packed continues a cached prefix: call the driver on the prefix first")
+        if not self._groups:  # nothing sent yet: after reset() the packed tokens form whole sequences
+            self._groups = [(0, 1)]
         n = input_ids.shape[1]
         items = [(0, 0, n)]
         with self._guard():
