@@ -21,8 +21,9 @@ from llm_model_parts.families import get_family
 from llm_model_parts.layers.ends import merge_positions
 from llm_model_parts.layers.norm import GemmaRMSNorm, RMSNorm
 from llm_model_parts.layers.rope import RotaryEmbedding
+from llm_model_parts.layout import decode_layout as layout
 from llm_model_parts.step import Step, causal_views, packed_views
-from llm_model_parts.weights import to_part_names
+from llm_model_parts.weights import section_tensors, to_part_names
 from llm_sepweight import PartSpec
 
 if TYPE_CHECKING:
@@ -101,12 +102,14 @@ class Part(nn.Module):
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = torch.float32,
+        decode_layout: bool | None = None,
     ) -> Part:
         """A part from an HF `config.json` dict (or a `ModelConfig`) and its weights.
 
         `state_dict`: an `llm_sepweight.PartStateDict` (begin / mid / end), or a flat state dict with HF's
         names (`model.layers.12.self_attn.q_proj.weight` ..., the `model.` prefix optional; tensors of
         other layers are ignored), or None for random weights. `dtype=None` keeps the tensors' dtype.
+        `decode_layout`: lay the weights out for fast decoding (`Part.decode_layout`); None: on the CPU only.
         """
         cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
         part = cls(cfg, PartSpec.coerce(spec), device=device)
@@ -114,27 +117,47 @@ class Part(nn.Module):
             part._init_random(device, dtype or torch.float32)
         else:
             part._load(to_part_names(state_dict, part.spec, cfg), device, dtype)
+        if decode_layout or (decode_layout is None and part.device.type == "cpu"):
+            part.decode_layout()
         return part.eval()
 
+    def decode_layout(self) -> Part:
+        """Lay the weights out for decoding, in place (see `llm_model_parts.layout`): q/k/v and gate/up each
+        in one buffer, run as one matmul; on the CPU, projections at least as wide as their input stored
+        column-major, which BLAS streams on all cores. Names, shapes and values do not change. Returns self."""
+        layout(self, column_major=self.device.type == "cpu")
+        return self
+
     def _expected(self) -> dict[str, torch.Size]:
-        return {name: p.shape for name, p in self.named_parameters()}
+        return {name: p.shape for name, p in self.named_parameters(remove_duplicate=False)}
 
     def _load(
         self, weights: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype | None
     ) -> None:
-        expected = self._expected()
-        for name, shape in expected.items():
+        for name, shape in self._expected().items():
             if name not in weights:
-                raise KeyError(
-                    f"{self._describe(name)} is missing from the weights for part {str(self.spec)!r} "
-                    f"({self.config.model_type}); expected shape {tuple(shape)}"
-                )
-            got = weights[name].shape
-            if got != shape:
-                raise ValueError(
-                    f"{self._describe(name)} has shape {tuple(got)}, expected {tuple(shape)} from config.json"
-                )
+                raise self._missing(name, shape)
+        self._assign(weights, device, dtype)
+        self._tie()
+        logger.info("loaded part %r of %s (%d tensors)", str(self.spec), self.config.model_type, len(weights))
+
+    def _missing(self, name: str, shape: torch.Size) -> KeyError:
+        return KeyError(
+            f"{self._describe(name)} is missing from the weights for part {str(self.spec)!r} "
+            f"({self.config.model_type}); expected shape {tuple(shape)}"
+        )
+
+    def _assign(
+        self, weights: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype | None
+    ) -> None:
+        """Check `weights` (some or all of the part's tensors) against the config and assign them."""
+        expected = self._expected()
         unexpected = sorted(set(weights) - set(expected))
+        for name, t in weights.items():
+            if name in expected and t.shape != expected[name]:
+                raise ValueError(
+                    f"{self._describe(name)} has shape {tuple(t.shape)}, expected {tuple(expected[name])} from config.json"
+                )
         if unexpected:
             raise KeyError(
                 f"{self._describe(unexpected[0])} is not a tensor of a {self.config.model_type} part built from "
@@ -144,11 +167,7 @@ class Part(nn.Module):
             name: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
             for name, t in weights.items()
         }
-        self.load_state_dict(converted, strict=True, assign=True)
-        self._tie()
-        logger.info(
-            "loaded part %r of %s (%d tensors)", str(self.spec), self.config.model_type, len(converted)
-        )
+        self.load_state_dict(converted, strict=False, assign=True)
 
     def _init_random(self, device: torch.device | str, dtype: torch.dtype) -> None:
         weights: dict[str, torch.Tensor] = {}
@@ -413,15 +432,54 @@ def load_part(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.float32,
+    decode_layout: bool | None = None,
 ) -> Part:
     """Load part `spec` ("b 0-12", "12-24", "24-32 e", "f" ...) of a sepweight or HF checkpoint directory.
 
     Only the tensors of that part are read and allocated. `dtype=None` keeps the stored dtype.
+    `decode_layout` (default: on the CPU): see `Part.decode_layout`; False keeps the weights as loaded
+    (on the CPU, zero-copy memory maps: a model larger than RAM still loads).
     """
     from llm_sepweight import Checkpoint
 
     checkpoint = Checkpoint(path)
     config = ModelConfig.from_hf(checkpoint.config)
     resolved = PartSpec.coerce(spec).resolve(config.num_hidden_layers)
-    weights = checkpoint.load(resolved, device=device, dtype=dtype)
-    return Part.from_config(config, resolved, weights, device=device, dtype=dtype)
+    if not (decode_layout or (decode_layout is None and torch.device(device).type == "cpu")):
+        weights = checkpoint.load(resolved, device=device, dtype=dtype)
+        return Part.from_config(config, resolved, weights, device=device, dtype=dtype, decode_layout=False)
+    # The layout copies the weights; a section at a time, each file's memory map dropped before the next
+    # is read, keeps the peak at the part's size plus one section rather than twice the part.
+    part = Part(config, resolved, device=device)
+    sections: list[tuple[nn.Module, str, Any]] = []
+    if resolved.begin:
+        sections.append((part, "", lambda: checkpoint.load("b", device=device).begin))
+    for j, i in enumerate(resolved.layers):
+        sections.append((part.layers[j], f"layers.{j}.", lambda i=i: checkpoint.layer_state_dict(i, device)))
+    if resolved.end:
+        sections.append((part, "", lambda: checkpoint.load("e", device=device).end))
+    for module, prefix, read in sections:
+        loaded = {prefix + name: t for name, t in section_tensors(read()).items()}
+        part._assign(loaded, device, dtype)
+        part._tie()
+        layout(module, column_major=part.device.type == "cpu")
+        _own_memory(part, loaded)
+        checkpoint.close()
+    for name, p in part.named_parameters():
+        if p.device.type == "meta":
+            raise part._missing(name, p.shape)
+    logger.info("loaded part %r of %s (decode layout)", str(resolved), config.model_type)
+    return part.eval()
+
+
+def _own_memory(part: Part, loaded: dict[str, torch.Tensor]) -> None:
+    """Copy the parameters that still share memory with the checkpoint's memory maps (the layout left
+    them as they were), so that the maps can go."""
+    for name, t in loaded.items():
+        if t.device.type != "cpu":
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = part.get_submodule(owner_name)
+        p = owner._parameters.get(leaf)
+        if p is not None and p.data_ptr() == t.data_ptr():
+            setattr(owner, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))

@@ -57,6 +57,11 @@ def to_part_names(weights: Any, spec: PartSpec, config: ModelConfig) -> dict[str
 def _section(tensors: Mapping[str, torch.Tensor] | None, name: str) -> dict[str, torch.Tensor]:
     if tensors is None:
         raise KeyError(f"the weights have no {name} section, but the part spec asks for it")
+    return section_tensors(tensors)
+
+
+def section_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One section's tensors (begin, a layer, end) without the buffers old checkpoints saved."""
     return {k: v for k, v in tensors.items() if not _ignored(k)}
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from llm_model_parts.config import ModelConfig
 from llm_model_parts.layers.rope import apply_rope
+from llm_model_parts.layout import linear_group
 from llm_model_parts.step import AttentionView, Step
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -21,6 +22,8 @@ class Attention(nn.Module):
 
     The layer holds no state but its parameters: the cache buffers come in with each call.
     """
+
+    fused = False  # set by `layout.decode_layout`: q/k/v may run as one matmul
 
     def __init__(
         self,
@@ -63,10 +66,9 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, hidden) -> q (B, T, H, D), k and v (B, T, H_kv, D)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_key_value_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_key_value_heads, self.head_dim)
-        return q, k, v
+        q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj), self.fused)
+        shape_kv = (b, t, self.num_key_value_heads, self.head_dim)
+        return q.view(b, t, self.num_heads, self.head_dim), k.view(shape_kv), v.view(shape_kv)
 
     def forward(self, x: torch.Tensor, step: Step, kv: KV | None = None) -> torch.Tensor:
         b, t, _ = x.shape

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_model_parts.layout import linear_group
+
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
@@ -37,6 +39,8 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class GatedMLP(nn.Module):
     """Llama's MLP: `gate_proj`, `up_proj`, `down_proj`."""
 
+    fused = False  # set by `layout.decode_layout`: gate and up may run as one matmul
+
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
@@ -45,7 +49,8 @@ class GatedMLP(nn.Module):
         self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_group(x, (self.gate_proj, self.up_proj), self.fused)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class FusedGatedMLP(nn.Module):
