@@ -92,13 +92,30 @@ def test_swapped_weights_fall_back_to_one_matmul_each() -> None:
     attn = part.layers[0].self_attn
     group = (attn.q_proj, attn.k_proj, attn.v_proj)
     x = torch.randn(2, 3, attn.q_proj.in_features)
+    assert attn.fused is not None and attn.fused.views(group) is not None
     with torch.inference_mode():
-        before = linear_group(x, group, True)
+        before = linear_group(x, group, attn.fused)
         attn.k_proj.weight = nn.Parameter(attn.k_proj.weight.detach().clone())  # as llm_offload does
-        assert not is_fused(group)
-        after = linear_group(x, group, True)
+        assert not is_fused(group) and attn.fused.views(group) is None
+        after = linear_group(x, group, attn.fused)
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_copies_and_pickles_of_a_laid_out_part_compute_the_same() -> None:
+    import copy
+    import io
+
+    part = load_part(fixtures.tiny_checkpoint("llama-tied"), "f")
+    buffer = io.BytesIO()
+    torch.save(part, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # our own bytes, written just above
+    ids = torch.randint(3, 200, (1, 6))
+    with torch.inference_mode():
+        ref = part(ids)
+        for other in (copy.deepcopy(part), loaded):
+            torch.testing.assert_close(other(ids), ref, atol=1e-5, rtol=0)
 
 
 def test_gradients_do_not_take_the_fused_path() -> None:

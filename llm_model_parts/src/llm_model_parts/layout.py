@@ -8,13 +8,14 @@ their input (q/k/v, gate/up, the LM head). Narrow ones (`down_proj`) are fastest
 
 Packing changes only strides and storage: every parameter keeps its HF name, shape and values (a view into
 the shared buffer), so state dicts, hooks and llm_offload's weight swapping work unchanged. `linear_group`
-takes the single matmul only while the group's weights still lie side by side in one buffer; a group whose
+takes the single matmul only while the group's modules hold the laid-out tensors; a group whose
 weights were replaced (offloaded, `.to(...)`, `load_state_dict(assign=True)`) falls back to one matmul each.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +27,53 @@ logger = logging.getLogger(__name__)
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def linear_group(x: torch.Tensor, linears: tuple[nn.Linear, ...], fused: bool) -> tuple[torch.Tensor, ...]:
-    """`tuple(m(x) for m in linears)`, as one matmul when `fused` and the weights still lie side by side."""
+class FusedGroup:
+    """Where a laid-out group's weights (and biases) lie in their shared buffer, valid while its modules
+    hold the very same tensors. They are held weakly: offloading a layer must be able to free them."""
+
+    def __init__(self, linears: tuple[nn.Linear, ...]) -> None:
+        fused = _fused(linears)
+        if fused is None:
+            raise ValueError("FusedGroup: the weights are not laid out side by side in one buffer")
+        weight, bias = fused
+        tensors = _tensors(linears)
+        self._refs = tuple(weakref.ref(t) for t in tensors)
+        self._ptrs = tuple(t.data_ptr() for t in tensors)
+        self._weight = (weight.shape, weight.stride(), weight.storage_offset())
+        self._bias = (bias.shape, bias.stride(), bias.storage_offset()) if bias is not None else None
+        self.sizes = [m.out_features for m in linears]
+
+    def views(self, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The (sum of out, in) weight and its bias, or None once any tensor was replaced."""
+        tensors = _tensors(linears)
+        if len(tensors) != len(self._refs):
+            return None
+        for ref, ptr, t in zip(self._refs, self._ptrs, tensors, strict=True):
+            if ref() is not t or t.data_ptr() != ptr:
+                return None
+        weight = linears[0].weight.as_strided(*self._weight)
+        bias = linears[0].bias.as_strided(*self._bias) if self._bias is not None else None
+        return weight, bias
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_refs": (), "_ptrs": ()}  # weak references do not pickle; invalid after
+
+
+def _tensors(linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
+    return [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
+
+
+def linear_group(
+    x: torch.Tensor, linears: tuple[nn.Linear, ...], fused: FusedGroup | None
+) -> tuple[torch.Tensor, ...]:
+    """`tuple(m(x) for m in linears)`, as one matmul while `fused` (set by `decode_layout`) holds."""
     # One view over several parameters would route gradients wrongly: training runs them one by one.
-    one = fused and not (torch.is_grad_enabled() and linears[0].weight.requires_grad)
-    packed = _fused(linears) if one else None
-    if packed is None:
+    training = torch.is_grad_enabled() and linears[0].weight.requires_grad
+    views = fused.views(linears) if fused is not None and not training else None
+    if views is None:
         return tuple(m(x) for m in linears)
-    weight, bias = packed
-    return F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1)
+    weight, bias = views
+    return F.linear(x, weight, bias).split(fused.sizes, dim=-1)  # type: ignore[union-attr]
 
 
 def _fused(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -76,7 +115,7 @@ def _adjacent(tensors: list[torch.Tensor], row_step: int, shape: tuple[int, ...]
 @torch.no_grad()
 def decode_layout(module: nn.Module, *, column_major: bool) -> nn.Module:
     """Lay out `module`'s projections for decoding, in place: each group of `GROUPS` into one buffer (and
-    the owner's `fused` flag set), then, with `column_major`, every other `nn.Linear` weight at least as
+    the owner's `fused` set), then, with `column_major`, every other `nn.Linear` weight at least as
     wide as its input column-major. Tied weights stay tied. Returns `module`."""
     grouped: set[int] = set()  # ids of the weights packed in groups
     for owner in module.modules():
@@ -87,7 +126,7 @@ def decode_layout(module: nn.Module, *, column_major: bool) -> nn.Module:
             if _fused(linears) is None:  # else laid out already
                 _pack_group(linears, column_major)
             grouped.update(id(m.weight) for m in linears)
-            owner.fused = True  # type: ignore[assignment]  # a plain flag, read by linear_group
+            owner.fused = FusedGroup(linears)  # type: ignore[assignment]  # read by linear_group
     if column_major:
         wide = {
             id(m.weight): m.weight
@@ -136,5 +175,5 @@ def _parameter(data: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
 
 
 def is_fused(linears: tuple[nn.Linear, ...]) -> bool:
-    """Whether `linear_group` would run these as one matmul."""
+    """Whether these projections' weights lie side by side in one buffer."""
     return _fused(linears) is not None

@@ -11,7 +11,7 @@ from torch import nn
 
 from llm_model_parts.config import ModelConfig
 from llm_model_parts.layers.rope import apply_rope
-from llm_model_parts.layout import linear_group
+from llm_model_parts.layout import FusedGroup, linear_group
 from llm_model_parts.step import AttentionView, Step
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -23,7 +23,7 @@ class Attention(nn.Module):
     The layer holds no state but its parameters: the cache buffers come in with each call.
     """
 
-    fused = False  # set by `layout.decode_layout`: q/k/v may run as one matmul
+    fused: FusedGroup | None = None  # set by `layout.decode_layout`: q/k/v run as one matmul
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_model_parts.layout import linear_group
+from llm_model_parts.layout import FusedGroup, linear_group
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 class GatedMLP(nn.Module):
     """Llama's MLP: `gate_proj`, `up_proj`, `down_proj`."""
 
-    fused = False  # set by `layout.decode_layout`: gate and up may run as one matmul
+    fused: FusedGroup | None = None  # set by `layout.decode_layout`: gate and up run as one matmul
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
         super().__init__()
