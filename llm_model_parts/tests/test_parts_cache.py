@@ -49,6 +49,16 @@ def test_cache_overflow_and_growth(part) -> None:  # type: ignore[no-untyped-def
     part.drop_cache()
 
 
+def test_a_new_forward_func_starts_a_new_sequence(part) -> None:  # type: ignore[no-untyped-def]
+    ids = torch.randint(3, 256, (1, 9))
+    first = part.as_forward_func(max_seq_len=16)
+    ref = first(ids)
+    first(ids[:, :5])  # 14 of 16 slots used
+    second = part.as_forward_func(max_seq_len=16)  # same part, same cache buffers
+    torch.testing.assert_close(second(ids), ref, atol=TOL, rtol=0)
+    assert second.seq_len == 9
+
+
 def test_batch_size_fixed_until_reset(part) -> None:  # type: ignore[no-untyped-def]
     f = part.as_forward_func()
     f(torch.randint(3, 256, (2, 5)))

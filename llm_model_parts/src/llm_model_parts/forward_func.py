@@ -64,6 +64,8 @@ class IncrementalForward:
                 f"KV cache overflow: {self.seq_len} cached + {new_tokens} new tokens > max_seq_len={self.max_seq_len}"
             )
         for part in self.parts:
+            if self._batch_size is None:  # a new sequence: tokens an earlier forward_func left go
+                part.reset_cache()
             cache = part.cache
             if cache is not None and cache.batch_size == batch_size and cache.max_seq_len >= needed:
                 continue
