@@ -30,7 +30,12 @@ TOPICS: dict[str, tuple[str, str]] = {
         "llm_model_parts: decode and prefill against transformers",
         "SmolLM2-135M fp32 CPU: greedy decode of 64 tokens with our cache against transformers' `generate` "
         "(same tokens), prefill of 256 tokens against transformers' forward. Targets: decode >= 1.15x tokens/s, "
-        "prefill <= 1.05x time.",
+        "prefill <= 1.05x time. `decode_speedup_as_stored` is the same part with `decode_layout=False`.",
+    ),
+    "parts_gemma3": (
+        "llm_model_parts: Gemma-3-270M against transformers",
+        "The same measurement on Gemma-3-270M fp32 CPU (`bench_parts.py --model gemma3`); no target was set. "
+        "Its 262k-entry LM head is two thirds of the bytes read per token.",
     ),
     "parts_more": (
         "llm_model_parts: more families against transformers",

@@ -11,4 +11,5 @@ for topic in sepweight_load parts parts_more sampler scoring offload pipeline sc
   echo "== bench_$topic"
   "$py" "tools/bench/bench_$topic.py" "$@"
 done
+"$py" tools/bench/bench_parts.py --model gemma3 "$@"
 "$py" tools/bench/report.py
