@@ -12,6 +12,7 @@ from parts_testlib import fixtures, left_padded
 from torch import nn
 
 from llm_model_parts import Part, load_part
+from llm_model_parts.layers.linear import linear
 from llm_model_parts.layout import decode_layout, is_fused, linear_group
 from llm_sepweight import Checkpoint
 
@@ -168,3 +169,46 @@ def test_load_part_layout_reports_a_missing_tensor(tmp_path) -> None:  # type: i
             (dst / f.name).write_bytes(f.read_bytes())
     with pytest.raises(KeyError, match=r"'mlp.up_proj.weight' of layer 1 is missing"):
         load_part(dst, "f")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16, 17, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear_for_any_rows_and_layout(rows: int, bias: bool) -> None:
+    weight = torch.randn(48, 24)
+    b = torch.randn(48) if bias else None
+    x = torch.randn(rows, 1, 24)
+    want = torch.nn.functional.linear(x, weight, b)
+    for w in (weight, weight.t().contiguous().t()):  # row-major, column-major
+        got = linear(x, w, b)
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_setup_cache_lays_the_part_out_for_its_batch_size() -> None:
+    path = fixtures.tiny_checkpoint("llama-tied")
+    part = load_part(path, "f")
+    ref = {k: v.clone() for k, v in part.state_dict().items()}
+    attn = part.layers[0].self_attn
+    ids = torch.randint(3, 200, (4, 6))
+    with torch.inference_mode():
+        stateless = part(ids)
+        part.setup_cache(4, 16)  # several rows: row-major (W @ x.T is faster)
+        assert attn.q_proj.weight.stride(-1) == 1 and attn.o_proj.weight.is_contiguous()
+        assert is_fused((attn.q_proj, attn.k_proj, attn.v_proj))
+        assert part.lm_head.weight is part.embed_tokens.weight and part.lm_head.weight.is_contiguous()
+        torch.testing.assert_close(part(ids), stateless, atol=1e-5, rtol=0)
+        part.setup_cache(1, 16)  # one row: column-major again
+        assert attn.q_proj.weight.stride(-1) != 1 and part.lm_head.weight.stride(-1) != 1
+        torch.testing.assert_close(part(ids[:1]), stateless[:1], atol=1e-5, rtol=0)
+    for key, value in part.state_dict().items():
+        assert torch.equal(value, ref[key]), key
+
+
+def test_setup_cache_leaves_swapped_weights_alone() -> None:
+    part = load_part(fixtures.tiny_checkpoint("llama-tied"), "f")
+    mlp = part.layers[1].mlp
+    mine = nn.Parameter(mlp.up_proj.weight.detach().clone())
+    mlp.up_proj.weight = mine  # as llm_offload swaps a streamed layer's weights
+    o_proj = part.layers[0].self_attn.o_proj.weight
+    part.setup_cache(4, 16)
+    assert mlp.up_proj.weight is mine and part.layers[0].self_attn.o_proj.weight is o_proj

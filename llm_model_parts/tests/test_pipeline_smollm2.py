@@ -68,7 +68,9 @@ def test_three_processes_equal_one(smollm2_sepweight: Path, tmp_path: Path) -> N
     assert torch.equal(got["generated"], ref["generated"]), (got["generated"], ref["generated"])
     for key in ref:
         if key != "generated":
-            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-4, msg=key)
+            # 1e-3, the tolerance for the real checkpoints: the stages run other row counts than the one
+            # process (chunks, micro-batches), so other matmul kernels (layers.linear) and sum orders
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-3, msg=key)
     # the greedy tokens of the manual loop agree with llm_sampler's too
     manual = torch.stack([got[f"step{i}"][:, -1].argmax(-1) for i in range(job["steps"] - 1)], 1)
     assert torch.equal(manual, got["generated"][:, -job["steps"] + 1 :])

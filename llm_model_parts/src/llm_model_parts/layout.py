@@ -2,9 +2,11 @@
 matmul instead of three), and on the CPU wide projections are stored column-major.
 
 Decoding one token is a matrix-vector product per projection, bound by how fast the weights stream from
-memory. On the CPU, BLAS streams `x @ Wt` with `Wt` (in, out) contiguous on all cores, but `x @ W.t()` with
-HF's row-major `W` (out, in) on one: column-major is up to 1.7x faster for projections at least as wide as
-their input (q/k/v, gate/up, the LM head). Narrow ones (`down_proj`) are fastest row-major and stay so.
+memory. On the CPU (MKL), `x @ Wt` with `Wt` (in, out) contiguous streams up to 1.8x faster than
+`x @ W.t()` with HF's row-major `W` (out, in), for projections at least as wide as their input (q/k/v,
+gate/up, the LM head); narrow ones (`down_proj`) are fastest row-major and stay so. For a few rows at a
+time (decoding a batch) row-major wins instead, through `layers.linear` (`W @ x.T`): `Part.setup_cache`
+lays a part out column-major for batch size 1 and row-major for larger batches.
 
 Packing changes only strides and storage: every parameter keeps its HF name, shape and values (a view into
 the shared buffer), so state dicts, hooks and llm_offload's weight swapping work unchanged. `linear_group`
@@ -18,8 +20,9 @@ import logging
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from llm_model_parts.layers.linear import linear
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,8 @@ class FusedGroup:
     """Where a laid-out group's weights (and biases) lie in their shared buffer, valid while its modules
     hold the very same tensors. They are held weakly: offloading a layer must be able to free them."""
 
-    def __init__(self, linears: tuple[nn.Linear, ...]) -> None:
+    def __init__(self, linears: tuple[nn.Linear, ...], names: tuple[str, ...] = ()) -> None:
+        self.names = names  # the modules' names in their owner
         fused = _fused(linears)
         if fused is None:
             raise ValueError("FusedGroup: the weights are not laid out side by side in one buffer")
@@ -73,7 +77,7 @@ def linear_group(
     if views is None:
         return tuple(m(x) for m in linears)
     weight, bias = views
-    return F.linear(x, weight, bias).split(fused.sizes, dim=-1)  # type: ignore[union-attr]
+    return linear(x, weight, bias).split(fused.sizes, dim=-1)  # type: ignore[union-attr]
 
 
 def _fused(linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -114,36 +118,52 @@ def _adjacent(tensors: list[torch.Tensor], row_step: int, shape: tuple[int, ...]
 
 @torch.no_grad()
 def decode_layout(module: nn.Module, *, column_major: bool) -> nn.Module:
-    """Lay out `module`'s projections for decoding, in place: each group of `GROUPS` into one buffer (and
-    the owner's `fused` set), then, with `column_major`, every other `nn.Linear` weight at least as
-    wide as its input column-major. Tied weights stay tied. Returns `module`."""
+    """Lay out `module`'s projections for decoding, in place: each group of `GROUPS` in one buffer (and
+    the owner's `fused` set); every other `nn.Linear` weight at least as wide as its input column-major
+    when `column_major`, row-major otherwise. Converts from either layout; tied weights stay tied."""
     grouped: set[int] = set()  # ids of the weights packed in groups
     for owner in module.modules():
         for names in GROUPS:
             linears = tuple(m for m in (getattr(owner, n, None) for n in names) if isinstance(m, nn.Linear))
             if len(linears) < len(names) or not _packable([m.weight for m in linears]):
                 continue
-            if _fused(linears) is None:  # else laid out already
+            if _fused(linears) is None or _is_column_major(linears[0].weight) != column_major:
                 _pack_group(linears, column_major)
             grouped.update(id(m.weight) for m in linears)
-            owner.fused = FusedGroup(linears)  # type: ignore[assignment]  # read by linear_group
-    if column_major:
-        wide = {
-            id(m.weight): m.weight
-            for m in module.modules()
-            if isinstance(m, nn.Linear) and m.out_features >= m.in_features and id(m.weight) not in grouped
-        }
-        new = {
-            i: _parameter(p.t().contiguous().t(), p)
-            for i, p in wide.items()
-            if _packable([p]) and p.is_contiguous()
-        }
-        for owner in module.modules():  # every owner of a replaced weight (an LM head tied to the embeddings)
-            for name, p in list(owner.named_parameters(recurse=False)):
-                if id(p) in new:
-                    setattr(owner, name, new[id(p)])
-    logger.debug("packed %d projections in groups (column-major: %s)", len(grouped), column_major)
+            owner.fused = FusedGroup(linears, names)  # type: ignore[assignment]  # read by linear_group
+    wide = {
+        id(m.weight): m.weight
+        for m in module.modules()
+        if isinstance(m, nn.Linear) and m.out_features >= m.in_features and id(m.weight) not in grouped
+    }
+    new = {
+        i: _parameter(p.t().contiguous().t() if column_major else p.contiguous(), p)
+        for i, p in wide.items()
+        if _packable([p]) and _is_column_major(p) != column_major
+    }
+    for owner in module.modules():  # every owner of a replaced weight (an LM head tied to the embeddings)
+        for name, p in list(owner.named_parameters(recurse=False)):
+            if id(p) in new:
+                setattr(owner, name, new[id(p)])
+    logger.debug("laid out %d projections in groups (column-major: %s)", len(grouped), column_major)
     return module
+
+
+def intact(module: nn.Module) -> bool:
+    """Whether every group `decode_layout` fused still holds its laid-out tensors (nobody swapped them:
+    llm_offload streaming a layer's weights, for one)."""
+    for owner in module.modules():
+        fused = getattr(owner, "fused", None)
+        if (
+            isinstance(fused, FusedGroup)
+            and fused.views(tuple(getattr(owner, n) for n in fused.names)) is None
+        ):
+            return False
+    return True
+
+
+def _is_column_major(weight: torch.Tensor) -> bool:
+    return weight.stride(-1) != 1
 
 
 def _packable(tensors: list[torch.Tensor]) -> bool:

@@ -19,9 +19,11 @@ from llm_model_parts.cache import KVCache
 from llm_model_parts.config import ModelConfig
 from llm_model_parts.families import get_family
 from llm_model_parts.layers.ends import merge_positions
+from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.norm import GemmaRMSNorm, RMSNorm
 from llm_model_parts.layers.rope import RotaryEmbedding
 from llm_model_parts.layout import decode_layout as layout
+from llm_model_parts.layout import intact as layout_intact
 from llm_model_parts.step import Step, causal_views, packed_views
 from llm_model_parts.weights import section_tensors, to_part_names
 from llm_sepweight import PartSpec
@@ -68,7 +70,7 @@ class Part(nn.Module):
             if end is None:
                 self.norm = family.build_norm(config) if self.spec.end else None
                 self.lm_head = (
-                    nn.Linear(config.hidden_size, config.vocab_size, bias=False) if self.spec.end else None
+                    Linear(config.hidden_size, config.vocab_size, bias=False) if self.spec.end else None
                 )
         if begin is not None and "embed_tokens" not in self._modules:
             self.embed_tokens = None
@@ -89,6 +91,8 @@ class Part(nn.Module):
         )
         self._cache_shapes = [a.cache_shape() for a in attentions]
         self.cache: KVCache | None = None
+        self._laid_out = False  # set by decode_layout
+        self._column_major = False
         self._scale_by_dtype: dict[torch.dtype, float] = {}
 
     # ---- construction ------------------------------------------------------------------------------
@@ -121,11 +125,14 @@ class Part(nn.Module):
             part.decode_layout()
         return part.eval()
 
-    def decode_layout(self) -> Part:
-        """Lay the weights out for decoding, in place (see `llm_model_parts.layout`): q/k/v and gate/up each
-        in one buffer, run as one matmul; on the CPU, projections at least as wide as their input stored
-        column-major, which BLAS streams on all cores. Names, shapes and values do not change. Returns self."""
-        layout(self, column_major=self.device.type == "cpu")
+    def decode_layout(self, batch_size: int = 1) -> Part:
+        """Lay the weights out for decoding `batch_size` sequences, in place (see `llm_model_parts.layout`):
+        q/k/v and gate/up each in one buffer, run as one matmul; on the CPU for one sequence, projections
+        at least as wide as their input column-major. Names, shapes and values do not change. From now on
+        `setup_cache` re-lays the part out when its batch size calls for the other layout. Returns self."""
+        self._column_major = self.device.type == "cpu" and batch_size == 1
+        layout(self, column_major=self._column_major)
+        self._laid_out = True
         return self
 
     def _expected(self) -> dict[str, torch.Size]:
@@ -229,6 +236,12 @@ class Part(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Preallocate the KV cache; from now on each forward call appends to it."""
+        # Across batch size 1 the other layout is faster (layers.linear); only while the layout is still
+        # ours: weights someone swapped in (llm_offload) are left alone.
+        relayout = self._laid_out and self._column_major != (self.device.type == "cpu" and batch_size == 1)
+        if relayout and layout_intact(self):
+            logger.info("laying part %r out again for batch size %d", str(self.spec), batch_size)
+            self.decode_layout(batch_size)
         self.cache = KVCache(
             self._cache_shapes, batch_size, max_seq_len, device=self.device, dtype=self.dtype
         )
@@ -462,8 +475,10 @@ def load_part(
         loaded = {prefix + name: t for name, t in section_tensors(read()).items()}
         part._assign(loaded, device, dtype)
         part._tie()
-        layout(module, column_major=part.device.type == "cpu")
+        part._column_major = part.device.type == "cpu"
+        layout(module, column_major=part._column_major)
         _own_memory(part, loaded)
+        part._laid_out = True
         checkpoint.close()
     for name, p in part.named_parameters():
         if p.device.type == "meta":

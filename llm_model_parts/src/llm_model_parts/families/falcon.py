@@ -14,6 +14,7 @@ from llm_model_parts.families import Family
 from llm_model_parts.layers.attention import KV
 from llm_model_parts.layers.attention_variants import VariantAttention
 from llm_model_parts.layers.ends import Begin, End
+from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.mlp import activation
 from llm_model_parts.step import Step
 
@@ -33,8 +34,8 @@ class FalconAttention(VariantAttention):
         qkv = (self.num_heads + 2 * self.num_key_value_heads) * d
         if not self.new_decoder_architecture and not self.multi_query:
             qkv = 3 * h
-        self.query_key_value = nn.Linear(h, qkv, bias=qkv_bias)
-        self.dense = nn.Linear(h, h, bias=qkv_bias)
+        self.query_key_value = Linear(h, qkv, bias=qkv_bias)
+        self.dense = Linear(h, h, bias=qkv_bias)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
@@ -58,8 +59,8 @@ class FalconMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         bias = bool(config.raw.get("bias"))
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

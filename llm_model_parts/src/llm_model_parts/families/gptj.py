@@ -14,6 +14,7 @@ from llm_model_parts.families.gpt2 import normalize as gpt2_normalize
 from llm_model_parts.layers.attention import KV
 from llm_model_parts.layers.attention_variants import VariantAttention
 from llm_model_parts.layers.ends import Begin, End
+from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.mlp import activation
 from llm_model_parts.step import Step
 
@@ -24,10 +25,10 @@ class GPTJAttention(VariantAttention):
 
     def _make_projections(self, config: ModelConfig, qkv_bias: bool, o_bias: bool) -> None:
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, h, bias=False)
-        self.k_proj = nn.Linear(h, h, bias=False)
-        self.v_proj = nn.Linear(h, h, bias=False)
-        self.out_proj = nn.Linear(h, h, bias=False)
+        self.q_proj = Linear(h, h, bias=False)
+        self.k_proj = Linear(h, h, bias=False)
+        self.v_proj = Linear(h, h, bias=False)
+        self.out_proj = Linear(h, h, bias=False)
 
     def out(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(x)
@@ -36,8 +37,8 @@ class GPTJAttention(VariantAttention):
 class GPTJMLP(nn.Module):
     def __init__(self, hidden: int, inner: int, act: str) -> None:
         super().__init__()
-        self.fc_in = nn.Linear(hidden, inner)
-        self.fc_out = nn.Linear(inner, hidden)
+        self.fc_in = Linear(hidden, inner)
+        self.fc_out = Linear(inner, hidden)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

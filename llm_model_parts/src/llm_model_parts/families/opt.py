@@ -14,6 +14,7 @@ from llm_model_parts.families import Family
 from llm_model_parts.layers.attention import KV
 from llm_model_parts.layers.attention_variants import VariantAttention
 from llm_model_parts.layers.ends import Begin, End
+from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.mlp import activation
 from llm_model_parts.step import Step
 
@@ -27,10 +28,10 @@ class OPTAttention(VariantAttention):
 
     def _make_projections(self, config: ModelConfig, qkv_bias: bool, o_bias: bool) -> None:
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, h, bias=qkv_bias)
-        self.k_proj = nn.Linear(h, h, bias=qkv_bias)
-        self.v_proj = nn.Linear(h, h, bias=qkv_bias)
-        self.out_proj = nn.Linear(h, h, bias=o_bias)
+        self.q_proj = Linear(h, h, bias=qkv_bias)
+        self.k_proj = Linear(h, h, bias=qkv_bias)
+        self.v_proj = Linear(h, h, bias=qkv_bias)
+        self.out_proj = Linear(h, h, bias=o_bias)
 
     def out(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(x)
@@ -49,8 +50,8 @@ class OPTDecoderLayer(nn.Module):
         self.do_layer_norm_before = bool(config.raw.get("do_layer_norm_before", True))
         self.self_attn = OPTAttention(config, i)
         self.self_attn_layer_norm = _layer_norm(config)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.final_layer_norm = _layer_norm(config)
         self.activation_fn = activation(config.hidden_act)
 

@@ -12,6 +12,7 @@ from llm_model_parts.config import ModelConfig, RopeParameters, explicit_or, sta
 from llm_model_parts.families import Family
 from llm_model_parts.layers.attention import Attention
 from llm_model_parts.layers.block import DecoderLayer
+from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.mlp import FusedGatedMLP
 from llm_model_parts.layers.norm import RMSNorm
 
@@ -21,8 +22,8 @@ class Phi3Attention(Attention):
 
     def _make_projections(self, config: ModelConfig, qkv_bias: bool, o_bias: bool) -> None:
         q_out = self.num_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, q_out + 2 * self.kv_width, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=o_bias)
+        self.qkv_proj = Linear(config.hidden_size, q_out + 2 * self.kv_width, bias=qkv_bias)
+        self.o_proj = Linear(q_out, config.hidden_size, bias=o_bias)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_model_parts.config import ModelConfig
+from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.rope import apply_rope
 from llm_model_parts.layout import FusedGroup, linear_group
 from llm_model_parts.step import AttentionView, Step
@@ -50,10 +51,10 @@ class Attention(nn.Module):
 
     def _make_projections(self, config: ModelConfig, qkv_bias: bool, o_bias: bool) -> None:
         hidden, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.kv_width
-        self.q_proj = nn.Linear(hidden, q_out, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_out, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_out, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_out, hidden, bias=o_bias)
+        self.q_proj = Linear(hidden, q_out, bias=qkv_bias)
+        self.k_proj = Linear(hidden, kv_out, bias=qkv_bias)
+        self.v_proj = Linear(hidden, kv_out, bias=qkv_bias)
+        self.o_proj = Linear(q_out, hidden, bias=o_bias)
 
     @property
     def kv_width(self) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llm_model_parts.layers.linear import Linear
+
 
 class Begin(nn.Module):
     """Token embedding (`embed_name`), optional learned positions (`positions_name`, looked up at
@@ -34,7 +36,7 @@ class Begin(nn.Module):
         if positions_name is not None:
             hidden = project_in or width
             self.add_module(positions_name, nn.Embedding(num_positions + position_offset, hidden))
-        self.project_in = nn.Linear(width, project_in, bias=False) if project_in else None
+        self.project_in = Linear(width, project_in, bias=False) if project_in else None
 
     @property
     def input_embeddings(self) -> nn.Embedding:
@@ -72,8 +74,8 @@ class End(nn.Module):
         self.norm_name = norm_name
         if norm is not None:
             self.add_module(norm_name, norm)
-        self.project_out = nn.Linear(hidden, project_out, bias=False) if project_out else None
-        self.lm_head = nn.Linear(project_out or hidden, vocab_size, bias=head_bias)
+        self.project_out = Linear(hidden, project_out, bias=False) if project_out else None
+        self.lm_head = Linear(project_out or hidden, vocab_size, bias=head_bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         norm = getattr(self, self.norm_name, None)

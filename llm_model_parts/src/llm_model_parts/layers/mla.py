@@ -18,6 +18,7 @@ from torch import nn
 from llm_model_parts.config import ModelConfig
 from llm_model_parts.layers.attention import KV, attend
 from llm_model_parts.layers.attention_variants import deinterleave, write_cache
+from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.norm import RMSNorm
 from llm_model_parts.layers.rope import apply_rope
 from llm_model_parts.step import Step
@@ -46,17 +47,15 @@ class MLAttention(nn.Module):
         self.sliding_window = None
         qk_head = self.nope + self.rope_dim
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(h, self.num_heads * qk_head, bias=False)
+            self.q_proj = Linear(h, self.num_heads * qk_head, bias=False)
         else:
-            self.q_a_proj = nn.Linear(h, int(self.q_lora_rank), bias=bias)
+            self.q_a_proj = Linear(h, int(self.q_lora_rank), bias=bias)
             self.q_a_layernorm = RMSNorm(int(self.q_lora_rank), eps=1e-6)
-            self.q_b_proj = nn.Linear(int(self.q_lora_rank), self.num_heads * qk_head, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(int(self.q_lora_rank), self.num_heads * qk_head, bias=False)
+        self.kv_a_proj_with_mqa = Linear(h, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = nn.Linear(
-            self.kv_lora_rank, self.num_heads * (self.nope + self.v_head_dim), bias=False
-        )
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope + self.v_head_dim), bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_head_dim, h, bias=bias)
         self.scaling = qk_head**-0.5
         rope = config.rope_parameters[self.layer_type]
         if rope.rope_type != "default" and rope.mscale_all_dim:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.mlp import GatedMLP, activation
 
 ExpertFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -76,9 +77,9 @@ class _Expert(nn.Module):
         super().__init__()
         self._names = names
         gate, up, down = names
-        self.add_module(gate, nn.Linear(hidden, intermediate, bias=False))
-        self.add_module(up, nn.Linear(hidden, intermediate, bias=False))
-        self.add_module(down, nn.Linear(intermediate, hidden, bias=False))
+        self.add_module(gate, Linear(hidden, intermediate, bias=False))
+        self.add_module(up, Linear(hidden, intermediate, bias=False))
+        self.add_module(down, Linear(intermediate, hidden, bias=False))
         self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ class MixtralSparseMoe(nn.Module):
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, act: str) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate = Linear(hidden, num_experts, bias=False)
         self.experts = ExpertList(num_experts, hidden, intermediate, act, ("w1", "w3", "w2"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,12 +120,12 @@ class QwenSparseMoe(nn.Module):
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.gate = Linear(hidden, num_experts, bias=False)
         self.experts = ExpertList(
             num_experts, hidden, intermediate, act, ("gate_proj", "up_proj", "down_proj")
         )
         self.shared_expert = GatedMLP(hidden, shared_intermediate, act) if shared_intermediate else None
-        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_intermediate else None
+        self.shared_expert_gate = Linear(hidden, 1, bias=False) if shared_intermediate else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -218,7 +219,7 @@ class Llama4Moe(nn.Module):
     def __init__(self, hidden: int, intermediate: int, num_experts: int, top_k: int, act: str) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
-        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.router = Linear(hidden, num_experts, bias=False)
         self.experts = Llama4Experts(num_experts, hidden, intermediate, act)
         self.shared_expert = GatedMLP(hidden, intermediate, act)
 
