@@ -6,7 +6,8 @@ memory. On the CPU (MKL), `x @ Wt` with `Wt` (in, out) contiguous streams up to 
 `x @ W.t()` with HF's row-major `W` (out, in), for projections at least as wide as their input (q/k/v,
 gate/up, the LM head); narrow ones (`down_proj`) are fastest row-major and stay so. For a few rows at a
 time (decoding a batch) row-major wins instead, through `layers.linear` (`W @ x.T`): `Part.setup_cache`
-lays a part out column-major for batch size 1 and row-major for larger batches.
+lays a part out column-major for batch size 1 and row-major for larger batches. Both measured in fp32 only:
+with bf16 weights MKL is 10x slower column-major, so other dtypes stay row-major.
 
 Packing changes only strides and storage: every parameter keeps its HF name, shape and values (a view into
 the shared buffer), so state dicts, hooks and llm_offload's weight swapping work unchanged. `linear_group`

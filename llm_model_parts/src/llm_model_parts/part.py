@@ -130,10 +130,14 @@ class Part(nn.Module):
         q/k/v and gate/up each in one buffer, run as one matmul; on the CPU for one sequence, projections
         at least as wide as their input column-major. Names, shapes and values do not change. From now on
         `setup_cache` re-lays the part out when its batch size calls for the other layout. Returns self."""
-        self._column_major = self.device.type == "cpu" and batch_size == 1
+        self._column_major = self._wants_column_major(batch_size)
         layout(self, column_major=self._column_major)
         self._laid_out = True
         return self
+
+    def _wants_column_major(self, batch_size: int) -> bool:
+        # Measured for fp32 with MKL only: bf16 matmuls on column-major weights run 10x slower there.
+        return self.device.type == "cpu" and self.dtype == torch.float32 and batch_size == 1
 
     def _expected(self) -> dict[str, torch.Size]:
         return {name: p.shape for name, p in self.named_parameters(remove_duplicate=False)}
@@ -238,7 +242,7 @@ class Part(nn.Module):
         """Preallocate the KV cache; from now on each forward call appends to it."""
         # Across batch size 1 the other layout is faster (layers.linear); only while the layout is still
         # ours: weights someone swapped in (llm_offload) are left alone.
-        relayout = self._laid_out and self._column_major != (self.device.type == "cpu" and batch_size == 1)
+        relayout = self._laid_out and self._column_major != self._wants_column_major(batch_size)
         if relayout and layout_intact(self):
             logger.info("laying part %r out again for batch size %d", str(self.spec), batch_size)
             self.decode_layout(batch_size)
@@ -475,7 +479,7 @@ def load_part(
         loaded = {prefix + name: t for name, t in section_tensors(read()).items()}
         part._assign(loaded, device, dtype)
         part._tie()
-        part._column_major = part.device.type == "cpu"
+        part._column_major = part._wants_column_major(1)
         layout(module, column_major=part._column_major)
         _own_memory(part, loaded)
         part._laid_out = True
