@@ -2,54 +2,72 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from llm_model_parts.forward_func import IncrementalForward
+from llm_model_parts.cache import KVCache
+from llm_model_parts.forward_func import IncrementalForward, new_cache
 from llm_model_parts.part import Part
 
 
 class Chain(nn.Module):
-    """Parts in order; each may sit on its own device (hidden states move between them)."""
+    """Parts in order; each may sit on its own device (hidden states move between them). One `KVCache`
+    (from `new_cache`) serves all of them."""
 
     def __init__(self, parts: Sequence[Part]) -> None:
         super().__init__()
         _check_order(parts)
         self.parts = nn.ModuleList(parts)
+        self.cache: KVCache | None = None  # only for the deprecated `setup_cache`
 
     def _parts(self) -> list[Part]:
         return [p for p in self.parts if isinstance(p, Part)]
 
-    def forward(self, x: torch.Tensor, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def new_cache(self, batch_size: int, max_seq_len: int, *, rows: int | None = None) -> KVCache:
+        """A cache for the layers of every part, each layer's buffers on its part's device."""
+        return new_cache(self._parts(), batch_size, max_seq_len, rows=rows)
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, *, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        cache = cache if cache is not None else self.cache
+        slots = cache.begin(x.shape[1], attention_mask) if cache is not None else None
         for part in self._parts():
-            mask = attention_mask.to(part.device) if attention_mask is not None else None
-            x = part(x.to(part.device), attention_mask=mask)
+            mask = attention_mask.to(part.device) if attention_mask is not None and cache is None else None
+            x = part(x.to(part.device), cache, attention_mask=mask, slots=slots)
+        if cache is not None and slots is not None:
+            cache.commit(slots)
         return x
 
     def forward_packed(
-        self, x: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor
+        self, x: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: KVCache | None = None
     ) -> torch.Tensor:
+        cache = cache if cache is not None else self.cache
         for part in self._parts():
-            x = part.forward_packed(x.to(part.device), position_ids, tree_mask)
+            x = part.forward_packed(x.to(part.device), position_ids, tree_mask, cache)
         return x
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
-        for part in self._parts():
-            part.setup_cache(batch_size, max_seq_len)
+        """Deprecated: keep a cache on the chain, used by calls that pass none. Use `new_cache`."""
+        warnings.warn("Chain.setup_cache is deprecated; use cache = chain.new_cache(...) and chain(x, cache)",
+                      DeprecationWarning, stacklevel=2)
+        self.cache = self.new_cache(batch_size, max_seq_len)
 
     def reset_cache(self) -> None:
-        for part in self._parts():
-            part.reset_cache()
+        if self.cache is not None:
+            self.cache.reset()
 
     def rewind(self, n: int) -> None:
-        for part in self._parts():
-            part.rewind(n)
+        if self.cache is None:
+            raise RuntimeError("rewind: this chain has no cache; pass a KVCache to each call instead")
+        self.cache.rewind(n)
 
     @property
     def seq_len(self) -> int:
-        return self._parts()[0].seq_len
+        return self.cache.seq_len if self.cache is not None else 0
 
     def as_forward_func(self, max_seq_len: int | None = None) -> IncrementalForward:
         return IncrementalForward(self._parts(), max_seq_len=max_seq_len)

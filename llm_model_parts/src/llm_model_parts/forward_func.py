@@ -1,4 +1,8 @@
-"""The incremental forward_func of docs/forward_func.md over one Part or a chain of Parts."""
+"""The incremental forward_func of docs/forward_func.md over one Part or a chain of Parts.
+
+It owns the sequence state: one `KVCache` for the layers of all its parts (each layer's buffers on its
+part's device); the parts only read it and write their layers' slots.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llm_model_parts.cache import CacheOverflowError
+from llm_model_parts.cache import CacheOverflowError, KVCache
 
 if TYPE_CHECKING:
     from llm_model_parts.part import Part
@@ -15,13 +19,23 @@ if TYPE_CHECKING:
 _MIN_CAPACITY = 256
 
 
-class IncrementalForward:
-    """`f(new_ids, attention_mask=None) -> logits`, with `reset()`, `rewind(n)`, `seq_len` and
-    `forward_packed(input_ids, position_ids, tree_mask)`.
+def new_cache(parts: Sequence[Part], batch_size: int, max_seq_len: int, *, rows: int | None = None) -> KVCache:
+    """One cache for the layers of `parts` (a chain), each layer's buffers on its part's device."""
+    shapes = {i: s for p in parts for i, s in p.cache_shapes.items()}
+    devices = {i: p.device for p in parts for i in p.cache_shapes}
+    dtypes = {i: p.dtype for p in parts for i in p.cache_shapes}
+    device = devices if devices else parts[0].device
+    dtype = dtypes if dtypes else parts[0].dtype
+    return KVCache(shapes, batch_size, max_seq_len, device=device, dtype=dtype, rows=rows)
 
-    The parts' KV caches are allocated at the first call (its batch size fixes B until `reset()`), and
-    grow by doubling up to `max_seq_len` (default: the model's `max_position_embeddings`, times the factor
-    for dynamic NTK RoPE, which exists to go past it); past that a call raises `CacheOverflowError`.
+
+class IncrementalForward:
+    """`f(new_ids, attention_mask=None) -> logits`, with `reset()`, `rewind(n)`, `reorder(rows)`, `seq_len`
+    and `forward_packed(input_ids, position_ids, tree_mask)`.
+
+    The KV cache is allocated at the first call (its batch size fixes B until `reset()`), and grows by
+    doubling up to `max_seq_len` (default: the model's `max_position_embeddings`, times the factor for
+    dynamic NTK RoPE, which exists to go past it); past that a call raises `CacheOverflowError`.
     """
 
     def __init__(self, parts: Sequence[Part], max_seq_len: int | None = None) -> None:
@@ -34,58 +48,67 @@ class IncrementalForward:
             )
         self.parts = list(parts)
         self.max_seq_len = int(max_seq_len or _default_max_seq_len(parts[0]))
-        self._batch_size: int | None = None
+        self.cache: KVCache | None = None
+        self._fixed = False  # the batch size is fixed from the first call after reset()
 
     @property
     def seq_len(self) -> int:
-        return self.parts[0].seq_len if self._batch_size is not None else 0
+        return self.cache.seq_len if self.cache is not None and self._fixed else 0
 
     def reset(self) -> None:
         """Forget everything; the next call starts a new sequence (and may use a new batch size)."""
-        for part in self.parts:
-            part.reset_cache()
-        self._batch_size = None
+        if self.cache is not None:
+            self.cache.reset()
+        self._fixed = False
 
     def rewind(self, n: int) -> None:
-        """Drop the last `n` tokens of every row from the caches."""
+        """Drop the last `n` tokens of every row from the cache."""
         if n < 0 or n > self.seq_len:
             raise ValueError(f"rewind({n}): the cache holds {self.seq_len} tokens")
-        for part in self.parts:
-            part.rewind(n)
+        if self.cache is not None:
+            self.cache.rewind(n)
 
-    def _ensure_room(self, batch_size: int, new_tokens: int) -> None:
-        if self._batch_size is not None and batch_size != self._batch_size:
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i of the cache becomes a copy of old row rows[i] (beam search follows its beams)."""
+        if self.cache is None or not self._fixed:
+            raise ValueError("reorder: the cache is empty")
+        self.cache.reorder(rows)
+
+    def _ensure_room(self, batch_size: int, new_tokens: int) -> KVCache:
+        cache = self.cache
+        if self._fixed and cache is not None and batch_size != cache.rows:
             raise ValueError(
-                f"batch size {batch_size} differs from the {self._batch_size} fixed by the first call; call reset() first"
+                f"batch size {batch_size} differs from the {cache.rows} fixed by the first call; call reset() first"
             )
         needed = self.seq_len + new_tokens
         if needed > self.max_seq_len:
             raise CacheOverflowError(
                 f"KV cache overflow: {self.seq_len} cached + {new_tokens} new tokens > max_seq_len={self.max_seq_len}"
             )
-        for part in self.parts:
-            if self._batch_size is None:  # a new sequence: tokens an earlier forward_func left go
-                part.reset_cache()
-            cache = part.cache
-            if cache is not None and cache.batch_size == batch_size and cache.max_seq_len >= needed:
-                continue
+        if cache is not None and not self._fixed:
+            cache.reset()  # a new sequence: tokens an earlier call left go
+        if cache is not None and cache.batch_size == batch_size and cache.max_seq_len >= needed:
+            cache.rows = batch_size
+        else:
             capacity = min(self.max_seq_len, max(_MIN_CAPACITY, 1 << (needed - 1).bit_length()))
-            if cache is not None and cache.batch_size == batch_size and self._batch_size is not None:
-                part.cache = cache.grown(capacity)
+            if cache is not None and self._fixed:
+                cache = cache.grown(capacity)
             else:
-                part.setup_cache(batch_size, capacity)
-        self._batch_size = batch_size
+                cache = new_cache(self.parts, batch_size, capacity)
+        self.cache, self._fixed = cache, True
+        return cache
 
     def __call__(self, new_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if new_ids.dim() != 2:
             raise ValueError(f"new_ids must be a LongTensor (B, T), got shape {tuple(new_ids.shape)}")
-        with torch.no_grad():
-            self._ensure_room(new_ids.shape[0], new_ids.shape[1])
+        with torch.no_grad():  # not inference mode: the cache is updated in place outside it too
+            cache = self._ensure_room(new_ids.shape[0], new_ids.shape[1])
         with torch.inference_mode():
+            slots = cache.begin(new_ids.shape[1], attention_mask)
             x = new_ids
             for part in self.parts:
-                mask = attention_mask.to(part.device) if attention_mask is not None else None
-                x = part(x.to(part.device), attention_mask=mask)
+                x = part(x.to(part.device), cache, slots=slots)
+            cache.commit(slots)
             return x
 
     def forward_packed(
@@ -93,11 +116,11 @@ class IncrementalForward:
     ) -> torch.Tensor:
         """Score several continuations of the cached prefix (row 0) at once; the cache is left as it was."""
         with torch.no_grad():
-            self._ensure_room(self._batch_size or 1, input_ids.shape[1])
+            cache = self._ensure_room(self.cache.rows if self._fixed and self.cache else 1, input_ids.shape[1])
         with torch.inference_mode():
             x = input_ids
             for part in self.parts:
-                x = part.forward_packed(x.to(part.device), position_ids, tree_mask)
+                x = part.forward_packed(x.to(part.device), position_ids, tree_mask, cache)
             return x
 
 

@@ -10,21 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_model_parts.config import ModelConfig
+from llm_model_parts.layers.fused import fuse, fused_sizes
 from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.rope import apply_rope
-from llm_model_parts.layout import FusedGroup, linear_group
-from llm_model_parts.step import AttentionView, Step
+from llm_model_parts.step import AttentionView, Step, write_cache
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    """HF's `self_attn` with separate `q_proj`, `k_proj`, `v_proj`, `o_proj` (and `q_norm`, `k_norm`).
+    """HF's `self_attn`: `q_proj`, `k_proj`, `v_proj` (stored fused as one `qkv_proj`, see layers.fused;
+    Phi-3's checkpoints fuse them already), `o_proj` (and `q_norm`, `k_norm`).
 
     The layer holds no state but its parameters: the cache buffers come in with each call.
     """
-
-    fused: FusedGroup | None = None  # set by `layout.decode_layout`: q/k/v run as one matmul
 
     def __init__(
         self,
@@ -46,6 +45,7 @@ class Attention(nn.Module):
         self.scaling = scaling if scaling is not None else self.head_dim**-0.5
         self.softcap = softcap  # tanh cap on attention logits (Gemma 2 style); None for most families
         self._make_projections(config, qkv_bias, o_bias)
+        fuse(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"))  # families that build them apart
         self.q_norm = qk_norm(self.head_dim) if qk_norm else None
         self.k_norm = qk_norm(self.head_dim) if qk_norm else None
 
@@ -60,6 +60,11 @@ class Attention(nn.Module):
     def kv_width(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    def _qkv_sizes(self) -> tuple[int, ...]:
+        if hasattr(self, "_qkv_proj_sizes"):
+            return fused_sizes(self, "qkv_proj")
+        return (self.num_heads * self.head_dim, self.kv_width, self.kv_width)  # a checkpoint's own qkv_proj
+
     def cache_shape(self) -> tuple[int, int]:
         """(key/value heads, head_dim) of this layer's cache entries."""
         return self.num_key_value_heads, self.head_dim
@@ -67,7 +72,7 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, hidden) -> q (B, T, H, D), k and v (B, T, H_kv, D)."""
         b, t, _ = x.shape
-        q, k, v = linear_group(x, (self.q_proj, self.k_proj, self.v_proj), self.fused)
+        q, k, v = self.qkv_proj(x).split(self._qkv_sizes(), dim=-1)
         shape_kv = (b, t, self.num_key_value_heads, self.head_dim)
         return q.view(b, t, self.num_heads, self.head_dim), k.view(shape_kv), v.view(shape_kv)
 
@@ -84,14 +89,7 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)  # (B, H, T, D)
         k = apply_rope(k, cos, sin)  # (B, H_kv, T, D)
         view = step.views[self.sliding_window]
-        if kv is not None:
-            k_cache, v_cache = kv
-            if step.rows is not None:  # packed calls write (and read) batch row 0 only
-                k_cache, v_cache = k_cache.narrow(0, 0, step.rows), v_cache.narrow(0, 0, step.rows)
-            k_cache.narrow(2, step.start, t).copy_(k)
-            v_cache.narrow(2, step.start, t).copy_(v)
-            k = k_cache.narrow(2, view.key_start, step.end - view.key_start)
-            v = v_cache.narrow(2, view.key_start, step.end - view.key_start)
+        k, v = write_cache(step, kv, k, v, view.key_start)
         out = attend(q, k, v, view, self.scaling, self.softcap)  # (B, H, T, D)
         out = out.view(b, 1, -1) if t == 1 else out.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(out)

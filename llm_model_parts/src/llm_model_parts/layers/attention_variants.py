@@ -16,7 +16,7 @@ from llm_model_parts.config import ModelConfig
 from llm_model_parts.layers.alibi import alibi_mask
 from llm_model_parts.layers.attention import KV, Attention, attend
 from llm_model_parts.layers.rope import apply_rope
-from llm_model_parts.step import AttentionView, Step
+from llm_model_parts.step import AttentionView, Step, write_cache
 
 
 def deinterleave(x: torch.Tensor, rotary_dim: int) -> torch.Tensor:
@@ -31,26 +31,12 @@ def deinterleave(x: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     return torch.cat((rot, x[..., rotary_dim:]), dim=-1)
 
 
-def write_cache(
-    step: Step, kv: KV | None, k: torch.Tensor, v: torch.Tensor, key_start: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store k / v (B, H_kv, T, D) at the call's slots; return the keys and values to attend to."""
-    if kv is None:
-        return k, v
-    k_cache, v_cache = kv
-    rows = slice(None) if step.rows is None else slice(0, step.rows)
-    k_cache[rows, :, step.start : step.end] = k
-    v_cache[rows, :, step.start : step.end] = v
-    return k_cache[rows, :, key_start : step.end], v_cache[rows, :, key_start : step.end]
-
-
 def key_positions(step: Step, key_start: int) -> torch.Tensor:
     """Positions (B|1, L) of the keys in slots [key_start, end): counted over real tokens, as HF derives them
     from the attention mask."""
     if step.valid is None:
         return torch.arange(key_start, step.end, device=_device(step))[None]
-    valid = step.valid[: step.rows] if step.rows is not None else step.valid
-    return ((valid.long().cumsum(-1) - 1) * valid)[:, key_start : step.end]
+    return ((step.valid.long().cumsum(-1) - 1) * step.valid)[:, key_start : step.end]
 
 
 def _device(step: Step) -> torch.device:
@@ -116,7 +102,7 @@ class VariantAttention(Attention):
 
     def forward(self, x: torch.Tensor, step: Step, kv: KV | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        if step.rows is not None and (self.alibi or self.chunk_size is not None):
+        if step.packed and (self.alibi or self.chunk_size is not None):
             # packed prefix trees place tokens at non-contiguous positions; the position-derived masks
             # and biases here assume a plain sequence
             raise NotImplementedError("forward_packed does not support ALiBi or chunked attention layers")
@@ -133,9 +119,9 @@ class VariantAttention(Attention):
             q, k = _l2_norm(q, self.l2_qk_norm), _l2_norm(k, self.l2_qk_norm)
         if self.temperature is not None:
             attn_scale, floor_scale = self.temperature
-            slots = torch.arange(step.start, step.end, device=x.device, dtype=torch.float32)
+            slots = step.slots(t, x.device).float()  # (R|1, T)
             scale = torch.log1p(torch.floor((slots + 1.0) / floor_scale)) * attn_scale + 1.0
-            q = (q * scale[:, None]).to(q.dtype)
+            q = (q * scale[:, None, :, None]).to(q.dtype)
         view = self._view(step, t, x.device)
         k, v = write_cache(step, kv, k, v, view.key_start)
         out = self._attend(q, k, v, view, step)  # (B, H, T, D)

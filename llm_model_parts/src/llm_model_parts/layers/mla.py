@@ -17,11 +17,11 @@ from torch import nn
 
 from llm_model_parts.config import ModelConfig
 from llm_model_parts.layers.attention import KV, attend
-from llm_model_parts.layers.attention_variants import deinterleave, write_cache
+from llm_model_parts.layers.attention_variants import deinterleave
 from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.norm import RMSNorm
 from llm_model_parts.layers.rope import apply_rope
-from llm_model_parts.step import Step
+from llm_model_parts.step import Step, write_cache
 
 
 def _mscale(scale: float, mscale: float) -> float:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_model_parts.layers.fused import fuse
 from llm_model_parts.layers.linear import Linear
-from llm_model_parts.layout import FusedGroup, linear_group
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -38,9 +38,8 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class GatedMLP(nn.Module):
-    """Llama's MLP: `gate_proj`, `up_proj`, `down_proj`."""
-
-    fused: FusedGroup | None = None  # set by `layout.decode_layout`: gate and up run as one matmul
+    """Llama's MLP: `gate_proj`, `up_proj` (stored fused as one `gate_up_proj`, see layers.fused),
+    `down_proj`."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
         super().__init__()
@@ -48,9 +47,10 @@ class GatedMLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = activation(act)
+        fuse(self, "gate_up_proj", ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear_group(x, (self.gate_proj, self.up_proj), self.fused)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
 
