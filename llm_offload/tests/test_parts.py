@@ -27,16 +27,17 @@ def decode(forward_func: Any, ids: torch.Tensor, steps: int) -> list[torch.Tenso
 def resident(path: Path, spec: str) -> Any:
     # Streamed layers run with the weights as the source gives them; for bit-equality the resident
     # reference keeps them as loaded too (no decode layout, which changes the order of the sums).
-    return llm_model_parts.load_part(path, spec, decode_layout=False)
+    return llm_model_parts.load_part(path, spec)
 
 
 def test_full_part_streams_with_incremental_cache(tiny_llama_sepweight: Path) -> None:
     want = decode(resident(tiny_llama_sepweight, "f").as_forward_func(max_seq_len=32), IDS, 4)
     part = resident(tiny_llama_sepweight, "f")
     off = offload(part.layers, SepweightSource(tiny_llama_sepweight, layers=part.layer_indices), "cpu")
-    got = decode(part.as_forward_func(max_seq_len=32), IDS, 4)
+    forward_func = part.as_forward_func(max_seq_len=32)
+    got = decode(forward_func, IDS, 4)
     assert_same(got, want)
-    assert part.cache is not None and part.cache.seq_len == IDS.shape[1] + 4
+    assert forward_func.seq_len == IDS.shape[1] + 4  # the forward_func owns the cache
     assert all(s.calls == 5 for s in off.stats.layers)
     off.remove()
 

@@ -67,8 +67,7 @@ class CpuSource:
                     raise TypeError(
                         f"CpuSource: layer {i} tensor {name!r} is a {type(t).__name__}, not a Tensor"
                     )
-                # contiguous: a part's decode layout leaves strided views, and a strided host tensor would
-                # be staged through pageable memory on every copy to the device
+                # contiguous: a strided host tensor would be staged through pageable memory on every copy
                 t = t.detach().to("cpu").contiguous()
                 layer[name] = t.pin_memory() if pin and not t.is_pinned() else t
             self._layers.append(layer)
