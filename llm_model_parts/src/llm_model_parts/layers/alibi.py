@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from llm_model_parts.layers.positions import _allowed, key_positions
 from llm_model_parts.step import AttentionView, Step
 
 
@@ -29,8 +30,6 @@ def alibi_mask(
 ) -> torch.Tensor:
     """Float mask (B|1, H, T, L) for `F.scaled_dot_product_attention`: ALiBi bias / sqrt(head_dim) where the
     view allows attention, -inf elsewhere. Memoised in `step.extras` (every layer shares it)."""
-    from llm_model_parts.layers.attention_variants import _allowed, key_positions
-
     key = f"alibi_{num_heads}_{head_dim}_{dtype}_{t}_{view.key_start}"
     if key not in step.extras:
         positions = key_positions(step, view.key_start)  # (B|1, L)

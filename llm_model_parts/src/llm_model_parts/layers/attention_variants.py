@@ -15,6 +15,7 @@ from torch import nn
 from llm_model_parts.config import ModelConfig
 from llm_model_parts.layers.alibi import alibi_mask
 from llm_model_parts.layers.attention import KV, Attention, attend
+from llm_model_parts.layers.positions import _allowed, key_positions
 from llm_model_parts.layers.rope import apply_rope
 from llm_model_parts.step import AttentionView, Step, write_cache
 
@@ -29,34 +30,6 @@ def deinterleave(x: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     if rotary_dim == x.shape[-1]:
         return rot
     return torch.cat((rot, x[..., rotary_dim:]), dim=-1)
-
-
-def key_positions(step: Step, key_start: int) -> torch.Tensor:
-    """Positions (B|1, L) of the keys in slots [key_start, end): counted over real tokens, as HF derives them
-    from the attention mask."""
-    if step.valid is None:
-        return torch.arange(key_start, step.end, device=_device(step))[None]
-    return ((step.valid.long().cumsum(-1) - 1) * step.valid)[:, key_start : step.end]
-
-
-def _device(step: Step) -> torch.device:
-    for cos, _ in step.rope.values():
-        return cos.device
-    for view in step.views.values():
-        if view.mask is not None:
-            return view.mask.device
-    if step.valid is not None:
-        return step.valid.device
-    return torch.device("cpu")
-
-
-def _allowed(view: AttentionView, t: int, length: int, device: torch.device) -> torch.Tensor:
-    """The view's boolean mask, materialised (B|1, 1, T, L)."""
-    if view.mask is not None:
-        return view.mask
-    if view.is_causal:
-        return torch.ones(t, length, dtype=torch.bool, device=device).tril(length - t)[None, None]
-    return torch.ones(1, 1, t, length, dtype=torch.bool, device=device)
 
 
 class VariantAttention(Attention):
