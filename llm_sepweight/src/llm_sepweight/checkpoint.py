@@ -17,6 +17,7 @@ from llm_sepweight import format as fmt
 from llm_sepweight.materialize import materialize
 from llm_sepweight.names import Location, num_layers_of, rule_for, split_names, tie_word_embeddings
 from llm_sepweight.part_state_dict import PartStateDict
+from llm_sepweight.safe_paths import inside
 from llm_sepweight.safetensors_file import MappedFile, TensorInfo, read_header
 from llm_sepweight.spec import PartSpec
 
@@ -192,7 +193,7 @@ class Checkpoint:
     def _open(self, file: str) -> MappedFile | dict[str, torch.Tensor]:
         source = self._files.get(file)
         if source is None:
-            path = self.path / file
+            path = inside(self.path, file, f"{self.path}: file", allow_hub_cache=self.kind == "hf")
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: missing weight file of checkpoint {self.path}")
             if file.endswith(".safetensors"):
@@ -322,6 +323,8 @@ def _hf_weight_map(path: Path) -> dict[str, str]:
             weight_map = _read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise ValueError(f"{index}: expected a non-empty 'weight_map'")
+            for key, file in weight_map.items():  # every name checked before any file is opened
+                inside(path, file, f"{index}: weight_map[{key!r}]", allow_hub_cache=True)
             for file in sorted(set(weight_map.values())):
                 if not (path / file).is_file():
                     raise FileNotFoundError(f"{path / file}: listed in {index_name} but missing")
@@ -330,6 +333,7 @@ def _hf_weight_map(path: Path) -> dict[str, str]:
         if files:
             weight_map = {}
             for file in files:
+                inside(path, file.name, f"{path}: weight file", allow_hub_cache=True)
                 names = read_header(file)[0] if file.suffix == ".safetensors" else _torch_load(file)
                 weight_map.update(dict.fromkeys(names, file.name))
             return weight_map

@@ -8,10 +8,9 @@ a journal records finished files, and manifest.json (what makes the directory va
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
-import os
-import shutil
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,8 +19,10 @@ from typing import Any
 import torch
 
 from llm_sepweight import format as fmt
+from llm_sepweight import journal
 from llm_sepweight.names import Location, num_layers_of, rule_for, split_names
-from llm_sepweight.safetensors_file import DTYPE_NAMES, StreamWriter, read_header, read_tensor
+from llm_sepweight.safetensors_file import DTYPE_NAMES, read_header, read_tensor
+from llm_sepweight.safetensors_write import StreamWriter
 from llm_sepweight.sources import (
     Decider,
     Source,
@@ -34,7 +35,7 @@ from llm_sepweight.sources import (
 
 logger = logging.getLogger(__name__)
 
-JOURNAL = ".sepweight-partial.json"
+JOURNAL = journal.JOURNAL
 
 
 def convert(
@@ -77,7 +78,9 @@ def open_source(
         if path.is_file() and path.suffix == ".gguf":
             from llm_sepweight.gguf import gguf_source
 
-            return gguf_source(path)
+            source = gguf_source(path)
+            source.files = source.files or [path]
+            return source
         if path.is_dir() and (path / "config.json").is_file() and not fmt.is_sepweight_dir(path):
             return hf_source(path)
         if path.is_dir() and ((path / "begin.pth").is_file() or any(path.glob("mid.*.pth"))):
@@ -193,80 +196,144 @@ def _out_dtype(t: SourceTensor, dtype: torch.dtype | None) -> torch.dtype:
 
 def write(source: Source, out: Path, *, dtype: torch.dtype | None = None, progress: bool = True) -> Path:
     files, meta = plan(source, dtype)
-    identity = {"source": meta["source"], "dtype": meta["dtype"]}
-    if _prepare_out(out, identity):
+    job = {
+        "source": meta["source"],
+        "dtype": meta["dtype"],
+        "fingerprint": _fingerprint(source, files, dtype),
+    }
+    done = _prepare_out(out, job)
+    if done is None:
         return out
-    journal = _read_journal(out)
-    done: dict[str, Any] = journal.get("done", {})
     if meta["tied_embeddings"]:
         _read_tied_head_from_begin(files, out / fmt.BEGIN_FILE, dtype)
     order = sorted(files, key=_file_order)
-    todo = [f for f in order if not _is_done(out, f, done)]
-    if len(todo) < len(order):
-        logger.info("%s: resuming, %d of %d files already written", out, len(order) - len(todo), len(order))
+    todo = [f for f in order if not journal.is_done(out, f, done.get(f))]
+    done = {f: done[f] for f in order if f not in todo}
+    if done:
+        logger.info("%s: resuming, %d of %d files already written", out, len(done), len(order))
     total = sum(_nbytes(t, dtype) for f in todo for _, t in files[f])
     with _progress(total, f"convert {Path(source.name).name}", progress) as bar:
         for file in todo:
-            entry = _write_file(out / file, files[file], dtype, bar)
-            done[file] = entry
-            fmt.atomic_write_json(out / JOURNAL, {**identity, "done": done})
-    for name, content in source.extra_files.items():
-        with fmt.atomic_open(out / name) as f:
-            if isinstance(content, Path):
-                with open(content, "rb") as src:
-                    shutil.copyfileobj(src, f, 1 << 20)
-            else:
-                f.write(content)
-    fmt.atomic_write_json(out / "config.json", source.config)
-    manifest = {"format": fmt.FORMAT, "version": fmt.VERSION, **meta, "files": {f: done[f] for f in order}}
+            done[file] = _write_file(out / file, files[file], dtype, bar)
+            journal.write_journal(out, job, done)
+    others = {name: _write_other(out / name, content) for name, content in source.extra_files.items()}
+    others["config.json"] = _write_other(out / "config.json", _json_bytes(source.config))
+    meta["source"] = {**meta["source"], "fingerprint": job["fingerprint"] or ""}
+    manifest = {
+        "format": fmt.FORMAT,
+        "version": fmt.VERSION,
+        **meta,
+        "files": {f: done[f] for f in order},
+        "other_files": dict(sorted(others.items())),
+    }
     fmt.atomic_write_json(out / fmt.MANIFEST, manifest)
-    (out / JOURNAL).unlink()
+    (out / journal.JOURNAL).unlink()
     fmt.fsync_dir(out)
-    logger.info("%s: wrote %d files (%s layers)", out, len(order), meta["num_layers"])
+    logger.info("%s: wrote %d files (%s layers)", out, len(order) + len(others), meta["num_layers"])
     return out
 
 
-def _prepare_out(out: Path, identity: dict[str, Any]) -> bool:
-    """Make `out` ready; True when it already holds this very conversion (nothing to do)."""
+def _fingerprint(
+    source: Source, files: dict[str, list[tuple[str, SourceTensor]]], dtype: torch.dtype | None
+) -> str | None:
+    if not source.files:
+        return None  # an in-memory source: nothing to recognise it by, so never resumed
+    planned = {
+        f: [(n, t.name, str(t.dtype), list(t.shape)) for n, t in ts] for f, ts in sorted(files.items())
+    }
+    return journal.fingerprint(source.files, {"plan": planned, "dtype": str(dtype)})
+
+
+def _prepare_out(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished files to keep (empty for a fresh start), or None when `out` holds this very conversion."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
+    has_journal = (out / journal.JOURNAL).is_file()
     if fmt.is_sepweight_dir(out):
-        manifest = fmt.read_manifest(out)
-        if {"source": manifest.get("source"), "dtype": manifest.get("dtype")} == identity:
-            logger.info("%s: already converted from %s", out, identity["source"]["name"])
-            return True
-        raise FileExistsError(f"{out}: already a sepweight directory of another source; not overwriting it")
-    if (out / JOURNAL).is_file():
-        journal = _read_journal(out)
-        if {"source": journal.get("source"), "dtype": journal.get("dtype")} != identity:
+        if has_journal and _finish_killed_after_manifest(out, job):
+            return None
+        if not has_journal:
+            _finished(out, job)
+            return None
+        (out / fmt.MANIFEST).unlink()  # killed after a manifest that does not check out: redo the job
+    if has_journal:
+        record = journal.read_journal(out)
+        if record and not journal.same_job(record, job):
             raise FileExistsError(
-                f"{out}: holds an unfinished conversion of {journal.get('source')} (dtype {journal.get('dtype')}); "
+                f"{out}: holds an unfinished conversion of {record.get('source')} (dtype {record.get('dtype')}); "
                 "resume it with the same arguments or choose another directory"
             )
-        return False
+        if job["fingerprint"] is None or record.get("fingerprint") != job["fingerprint"]:
+            if record.get("done"):
+                logger.warning("%s: the source changed since the interrupted conversion; restarting", out)
+            journal.clear(out)
+            journal.write_journal(out, job, {})
+            return {}
+        done = record.get("done")
+        return dict(done) if isinstance(done, dict) else {}
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(
             f"{out}: exists, is not empty and is not a sepweight directory; not writing into it"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    fmt.atomic_write_json(out / JOURNAL, {**identity, "done": {}})
-    return False
+    journal.create_with_journal(out, job)
+    return {}
 
 
-def _read_journal(out: Path) -> dict[str, Any]:
-    try:
-        journal = json.loads((out / JOURNAL).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+def _finished(out: Path, job: dict[str, Any]) -> None:
+    """`out` is finished: this job's (nothing to do) or another's (an error: never overwritten)."""
+    manifest = fmt.read_manifest(out)
+    source = dict(manifest.get("source") or {})
+    recorded = source.pop("fingerprint", None)
+    if not journal.same_job({"source": source, "dtype": manifest.get("dtype")}, job):
+        raise FileExistsError(f"{out}: already a sepweight directory of another source; not overwriting it")
+    if recorded and job["fingerprint"] and recorded != job["fingerprint"]:
         raise FileExistsError(
-            f"{out / JOURNAL}: unreadable conversion journal ({e}); remove {out} and rerun"
-        ) from None
-    return journal if isinstance(journal, dict) else {}
+            f"{out}: converted from {source.get('name')} before it changed; not overwriting it "
+            "(remove it or choose another directory to convert the new version)"
+        )
+    logger.info("%s: already converted from %s", out, source.get("name"))
 
 
-def _is_done(out: Path, file: str, done: dict[str, Any]) -> bool:
-    entry = done.get(file)
-    path = out / file
-    return entry is not None and path.is_file() and os.path.getsize(path) == entry.get("bytes")
+def _finish_killed_after_manifest(out: Path, job: dict[str, Any]) -> bool:
+    """Manifest and journal both present: the job is finished when the manifest is this job's and checks out."""
+    from llm_sepweight.verify import VerifyError, verify_contents
+
+    if job["fingerprint"] is None:
+        return False  # an in-memory source is never trusted to be the same: redo the job
+    record = journal.read_journal(out)
+    try:
+        manifest = fmt.read_manifest(out)
+        verify_contents(out, ignore=frozenset({journal.JOURNAL}))
+    except (VerifyError, fmt.ManifestError):
+        return False
+    fingerprint = (manifest.get("source") or {}).get("fingerprint")
+    if record.get("fingerprint") != job["fingerprint"] or fingerprint != (job["fingerprint"] or ""):
+        return False
+    (out / journal.JOURNAL).unlink()
+    fmt.fsync_dir(out)
+    return True
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode()
+
+
+def _write_other(path: Path, content: bytes | Path) -> dict[str, Any]:
+    """Copy (or write) a file beside the weights atomically, hashing what is written."""
+    sha = hashlib.sha256()
+    size = 0
+    with fmt.atomic_open(path) as f:
+        if isinstance(content, Path):
+            with open(content, "rb") as src:
+                while block := src.read(1 << 20):
+                    f.write(block)
+                    sha.update(block)
+                    size += len(block)
+        else:
+            f.write(content)
+            sha.update(content)
+            size = len(content)
+    return {"bytes": size, "sha256": sha.hexdigest()}
 
 
 def _write_file(

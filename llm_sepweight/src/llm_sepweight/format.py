@@ -9,17 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from llm_sepweight.manifest import FORMAT as FORMAT
+from llm_sepweight.manifest import MANIFEST as MANIFEST
+from llm_sepweight.manifest import MAX_MANIFEST_BYTES, validate_manifest
+from llm_sepweight.manifest import VERSION as VERSION
+from llm_sepweight.manifest import ManifestError as ManifestError
 from llm_sepweight.spec import PartSpec
 
-FORMAT = "sepweight"
-VERSION = 1
-MANIFEST = "manifest.json"
 BEGIN_FILE = "begin.safetensors"
 END_FILE = "end.safetensors"
-
-
-class ManifestError(ValueError):
-    """A manifest that is missing, unreadable or disagrees with the directory."""
+JOURNAL = ".sepweight-partial.json"  # present while a conversion into the directory is unfinished
 
 
 def mid_file(layer: int) -> str:
@@ -39,23 +38,20 @@ def is_sepweight_dir(path: Path) -> bool:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
+    """The validated manifest of the sepweight directory `path` (`ManifestError` naming the field if bad)."""
     manifest_path = path / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text())
+        with open(manifest_path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise ManifestError(f"{manifest_path}: missing; {path} is not a sepweight directory") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ManifestError(f"{manifest_path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ManifestError(f"{manifest_path}: expected {{'format': 'sepweight', ...}}")
-    if manifest.get("version") != VERSION:
-        raise ManifestError(
-            f"{manifest_path}: format version {manifest.get('version')!r}; this llm_sepweight reads version {VERSION}"
-        )
-    for key in ("num_layers", "files", "config"):
-        if key not in manifest:
-            raise ManifestError(f"{manifest_path}: missing key {key!r}")
-    return manifest
+    return validate_manifest(manifest, str(manifest_path))
 
 
 def fsync_dir(path: Path) -> None:

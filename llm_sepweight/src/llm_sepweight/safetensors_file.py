@@ -1,23 +1,33 @@
-"""Safetensors read through one memory map per file, and written as a stream.
+"""The one validating safetensors reader of the repository: headers checked as strictly as `safetensors` does.
 
-Reading parses the header (8-byte length + JSON) itself and makes tensors with `torch.frombuffer` over a
-private (copy-on-write) map: no copy on CPU when no cast is needed, no pickle, and no per-tensor work beyond
-one small Python call. Writing takes the header up front and then the tensors one at a time, hashing as it
-goes, so converting a model never holds more than one tensor in memory.
+A file is an 8-byte little-endian header length `n`, `n` bytes of JSON, then the data buffer. The header is
+accepted only when: `n` is at most 100 MB (safetensors' cap) and fits in the file; the JSON is UTF-8, starts
+with `{`, nests at most `MAX_JSON_DEPTH` deep and has no duplicate keys; every entry is an object with a
+known `dtype`, a `shape` of non-negative ints and `data_offsets` `[begin, end]` of two ints whose span is the
+shape's byte count; the spans tile the data buffer from byte 0 to its end, with no gap, no overlap and no
+trailing byte; `__metadata__` is absent, null or an object of str -> str. Anything else is a
+`SafetensorsError` (a `ValueError`) naming the file and, where there is one, the tensor.
+
+`Header.read(path)` reads only the header (names, dtypes, shapes, absolute byte ranges within the file),
+without mapping. `SafetensorsFile(path)` also maps the file once (private, copy-on-write) and gives
+zero-copy CPU tensors over the map; it holds the file open and checks the file's size against the header at
+open and again before each tensor is made, so a file truncated after opening is an error, never a SIGBUS
+(a tensor already handed out still reads the map: truncating a file that tensors view is the one thing
+a memory map cannot survive; copy the tensor (`.clone()`) when the files may change under you).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
+import re
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
@@ -39,11 +49,14 @@ for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
         DTYPES[_name] = getattr(torch, _attr)
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
-_MAX_HEADER = 100_000_000
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own cap on the JSON header
+MAX_JSON_DEPTH = 8  # a valid header nests 3 deep (object -> entry -> shape)
+_MAX_HEADER = MAX_HEADER_BYTES  # the name of earlier versions
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 class SafetensorsError(ValueError):
-    """A safetensors file that is truncated, corrupted or not safetensors at all."""
+    """A safetensors file that is truncated, corrupted, not safetensors at all, or breaks the format's rules."""
 
 
 @dataclass(frozen=True)
@@ -58,75 +71,275 @@ class TensorInfo:
     def nbytes(self) -> int:
         return self.stop - self.start
 
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Tensor infos (absolute offsets) and the `__metadata__` of a safetensors file, checked against its size."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SafetensorsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise SafetensorsError(f"{path}: header length {n} does not fit in a {size}-byte file")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{path}: corrupted safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: corrupted safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    base = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: tensor {name!r} has a bad header entry {entry!r}") from None
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0:
-            raise SafetensorsError(
-                f"{path}: tensor {name!r} has offsets {begin}-{end} for shape {list(shape)}"
-            )
-        if base + end > size:
-            raise SafetensorsError(
-                f"{path}: truncated: tensor {name!r} ends at byte {base + end} but the file has {size} bytes"
-            )
-        infos[name] = TensorInfo(name, dtype, shape, base + begin, base + end)
-    return infos, metadata
+    @property
+    def dtype_name(self) -> str:
+        """The safetensors name of the dtype ("F32", "BF16", ...)."""
+        return DTYPE_NAMES[self.dtype]
 
 
-class MappedFile:
-    """One safetensors file mapped once; `tensor(info)` is a zero-copy CPU view."""
+@dataclass(frozen=True)
+class Header:
+    """A validated header: tensors in file order with absolute byte ranges, and the metadata."""
 
-    def __init__(self, path: Path, infos: dict[str, TensorInfo] | None = None) -> None:
-        self.path = path
-        self.infos = infos if infos is not None else read_header(path)[0]
+    path: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int  # 8 + header length: where the data buffer begins
+    file_size: int  # the exact size the header accounts for
+
+    @classmethod
+    def read(cls, path: str | Path) -> Header:
+        """Read and validate the header of the file `path` (nothing is mapped)."""
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            # ACCESS_COPY: writable for torch.frombuffer (no warning), writes never reach the file.
-            self._map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+            return read_header_from(f, str(path))
 
-    def tensor(self, info: TensorInfo) -> torch.Tensor:
+
+def read_header_from(f: IO[bytes], where: str) -> Header:
+    """Validate the header of the open file `f` against its current size (`where` names it in errors)."""
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(8)
+    n = _header_length(head, size, where)
+    raw = f.read(n)
+    if len(raw) != n:
+        raise SafetensorsError(f"{where}: truncated while reading its {n}-byte header")
+    return parse_header(head + raw, size, where=where)
+
+
+def parse_header(data: bytes, file_size: int, *, where: str = "<bytes>") -> Header:
+    """Validate the header held at the start of `data` for a file of `file_size` bytes.
+
+    `data` needs only the first 8 + n bytes (the whole file also works): for fuzzing and for readers that
+    already hold the bytes.
+    """
+    n = _header_length(data[:8], file_size, where)
+    if len(data) < 8 + n:
+        raise SafetensorsError(f"{where}: truncated: the header needs {8 + n} bytes, got {len(data)}")
+    header = _parse_json(data[8 : 8 + n], where)
+    metadata = _metadata(header.pop("__metadata__", None), where)
+    base = 8 + n
+    infos = [_entry(name, entry, base, where) for name, entry in header.items()]
+    infos.sort(key=lambda i: (i.start, i.stop, i.name))
+    _check_tiling(infos, base, file_size, where)
+    return Header(where, {i.name: i for i in infos}, metadata, base, file_size)
+
+
+def _header_length(head: bytes, size: int, where: str) -> int:
+    if len(head) < 8 or size < 8:
+        raise SafetensorsError(f"{where}: truncated safetensors file ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise SafetensorsError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if n > size - 8:
+        raise SafetensorsError(f"{where}: header length {n} does not fit in a {size}-byte file")
+    return n
+
+
+def _parse_json(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SafetensorsError(f"{where}: corrupted safetensors header (not UTF-8: {e})") from None
+    if not text.startswith("{"):
+        raise SafetensorsError(f"{where}: corrupted safetensors header (does not start with '{{')")
+    depth = _max_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise SafetensorsError(
+            f"{where}: corrupted safetensors header (JSON nested {depth} deep, at most {MAX_JSON_DEPTH})"
+        )
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{where}: corrupted safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{where}: corrupted safetensors header (not a JSON object)")
+    return header
+
+
+def _max_depth(raw: bytes) -> int:
+    """Deepest nesting of `{`/`[` outside strings, in linear time and bounded memory (numpy, chunked)."""
+    codes = np.frombuffer(_STRING.sub(b'""', raw), dtype=np.uint8)
+    depth, deepest = 0, 0
+    for lo in range(0, len(codes), 1 << 20):
+        chunk = codes[lo : lo + (1 << 20)]
+        steps = ((chunk == 123) | (chunk == 91)).astype(np.int32) - ((chunk == 125) | (chunk == 93))
+        levels = np.cumsum(steps, dtype=np.int64) + depth
+        deepest = max(deepest, int(levels.max()))
+        depth = int(levels[-1])
+    return deepest
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _metadata(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise SafetensorsError(f"{where}: '__metadata__' must be an object of strings, got {value!r:.100}")
+    return value
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entry(name: str, entry: Any, base: int, where: str) -> TensorInfo:
+    def bad(why: str) -> SafetensorsError:
+        return SafetensorsError(f"{where}: tensor {name!r} has a bad header entry ({why}): {entry!r:.200}")
+
+    if not isinstance(entry, dict):
+        raise bad("not an object")
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        raise bad(f"dtype must be one of {sorted(DTYPES)}")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        raise bad("shape must be a list of integers")
+    if any(d < 0 for d in shape):
+        raise bad("negative dimension")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise bad("data_offsets must be [begin, end]")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise bad("data_offsets must satisfy 0 <= begin <= end")
+    dtype = DTYPES[dtype_name]
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - begin != numel * dtype.itemsize:
+        raise SafetensorsError(
+            f"{where}: tensor {name!r} has offsets {begin}-{end} ({end - begin} bytes) for shape "
+            f"{list(shape)} of {dtype_name} ({numel * dtype.itemsize} bytes)"
+        )
+    return TensorInfo(name, dtype, tuple(shape), base + begin, base + end)
+
+
+def _check_tiling(infos: list[TensorInfo], base: int, size: int, where: str) -> None:
+    """Sorted spans must cover the data buffer exactly: no gap, no overlap (aliasing), no trailing bytes."""
+    expected = base
+    for info in infos:
+        if info.start < expected:
+            raise SafetensorsError(
+                f"{where}: tensor {info.name!r} overlaps the tensor before it (its bytes "
+                f"{info.start - base}-{info.stop - base} start before {expected - base})"
+            )
+        if info.start > expected:
+            raise SafetensorsError(
+                f"{where}: {info.start - expected} unaccounted bytes before tensor {info.name!r} "
+                f"(data offsets {expected - base}-{info.start - base} belong to no tensor)"
+            )
+        expected = info.stop
+    if expected > size:
+        last = infos[-1].name
+        raise SafetensorsError(
+            f"{where}: truncated: tensor {last!r} ends at byte {expected} but the file has {size} bytes"
+        )
+    if expected < size:
+        after = f"after tensor {infos[-1].name!r}" if infos else "after the header"
+        raise SafetensorsError(f"{where}: {size - expected} unaccounted trailing bytes {after}")
+
+
+def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor infos (absolute offsets, file order) and the `__metadata__` of a safetensors file."""
+    header = Header.read(path)
+    return header.tensors, header.metadata
+
+
+class SafetensorsFile:
+    """One safetensors file, validated and mapped once; `tensor(name)` is a zero-copy CPU view.
+
+    The map is private (copy-on-write: writes to a tensor never reach the file) and the file stays open, so
+    replacing or deleting the file leaves the map valid; its size is checked against the header before each
+    tensor is made.
+    """
+
+    def __init__(self, path: str | Path, infos: dict[str, TensorInfo] | None = None) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 (held open for the life of the map)
+        try:
+            self.header = read_header_from(self._file, str(self.path))
+            self.infos = infos if infos is not None else self.header.tensors
+            size = self.header.file_size
+            # ACCESS_COPY: writable for torch.frombuffer (no warning), writes never reach the file.
+            self._map = mmap.mmap(self._file.fileno(), size, access=mmap.ACCESS_COPY) if size else None
+        except BaseException:
+            self._file.close()
+            raise
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.infos
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def check_size(self) -> None:
+        """Raise `SafetensorsError` if the file no longer has the size its header accounts for."""
+        size = os.fstat(self._file.fileno()).st_size
+        if size != self.header.file_size:
+            raise SafetensorsError(
+                f"{self.path}: changed size after it was opened ({self.header.file_size} -> {size} bytes; "
+                "truncated or rewritten in place); reopen the checkpoint"
+            )
+
+    def tensor(self, info: TensorInfo | str) -> torch.Tensor:
+        """A zero-copy CPU tensor over the map (by `TensorInfo` or by name)."""
+        if isinstance(info, str):
+            info = self._info(info)
+        self.check_size()
         if info.nbytes == 0 or self._map is None:
             return torch.empty(info.shape, dtype=info.dtype)
         count = info.nbytes // info.dtype.itemsize
         return torch.frombuffer(self._map, dtype=info.dtype, count=count, offset=info.start).view(info.shape)
 
     def raw(self, start: int, stop: int) -> torch.Tensor:
-        """Bytes [start, stop) as a uint8 view."""
+        """Bytes [start, stop) of the file as a zero-copy uint8 view."""
+        if not 0 <= start <= stop <= self.header.file_size:
+            raise SafetensorsError(f"{self.path}: byte range {start}-{stop} is outside the file")
+        self.check_size()
         if self._map is None or stop <= start:
             return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(self._map, dtype=torch.uint8, count=stop - start, offset=start)
 
-    def advise_willneed(self) -> None:
-        if self._map is not None and hasattr(mmap, "MADV_WILLNEED"):
-            self._map.madvise(mmap.MADV_WILLNEED)
+    def advise_willneed(self, start: int = 0, stop: int | None = None) -> None:
+        """Ask the kernel to read bytes [start, stop) ahead (the whole file by default)."""
+        if self._map is None or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        stop = self.header.file_size if stop is None else stop
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        if stop > lo:
+            self._map.madvise(mmap.MADV_WILLNEED, lo, min(stop, self.header.file_size) - lo)
+
+    def close(self) -> None:
+        """Close the file; tensors already made keep the map alive."""
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor {name!r} in this file") from None
+
+
+MappedFile = SafetensorsFile  # the name of earlier versions
 
 
 def read_tensor(f: IO[bytes], info: TensorInfo) -> torch.Tensor:
@@ -141,57 +354,10 @@ def read_tensor(f: IO[bytes], info: TensorInfo) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=info.dtype).view(info.shape)
 
 
-def plan_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[bytes, list[str]]:
-    """The serialized header for tensors written in the returned order (widest dtype first, so aligned)."""
-    order = sorted(entries, key=lambda e: (-e[1].itemsize, e[0]))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, dtype, shape in order:
-        nbytes = dtype.itemsize
-        for d in shape:
-            nbytes *= d
-        header[name] = {
-            "dtype": DTYPE_NAMES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(len(raw) + 8) % 8)
-    return struct.pack("<Q", len(raw)) + raw, [e[0] for e in order]
+def __getattr__(name: str) -> Any:
+    # the writer moved to safetensors_write; keep `from llm_sepweight.safetensors_file import StreamWriter`
+    if name in ("StreamWriter", "plan_header", "tensor_bytes"):
+        from llm_sepweight import safetensors_write
 
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous().cpu()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-
-
-class StreamWriter:
-    """Write a safetensors file tensor by tensor into an open file, hashing everything written."""
-
-    def __init__(self, f: IO[bytes], entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.size = 0
-        header, self.order = plan_header(entries)
-        self.expected = {name: (dtype, shape) for name, dtype, shape in entries}
-        self._write(header)
-
-    def _write(self, data: bytes | memoryview) -> None:
-        self.f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-
-    def write_all(self, tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-        """Write tensors given in `self.order`."""
-        for expected_name, (name, t) in zip(self.order, tensors, strict=True):
-            dtype, shape = self.expected[expected_name]
-            if name != expected_name or t.dtype != dtype or tuple(t.shape) != shape:
-                raise ValueError(
-                    f"tensor {name!r} ({t.dtype}, {list(t.shape)}) does not match the planned "
-                    f"{expected_name!r} ({dtype}, {list(shape)})"
-                )
-            self._write(tensor_bytes(t))
+        return getattr(safetensors_write, name)
+    raise AttributeError(name)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from llm_sepweight.names import Location
+from llm_sepweight.safe_paths import inside
 from llm_sepweight.safetensors_file import read_header, read_tensor
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Source:
     config: dict[str, Any]
     tensors: list[SourceTensor]
     extra_files: dict[str, bytes | Path] = field(default_factory=dict)  # file name -> content or file to copy
+    files: list[Path] = field(default_factory=list)  # the source files (their identity makes resuming safe)
 
 
 def hf_source(path: Path) -> Source:
@@ -69,14 +71,22 @@ def hf_source(path: Path) -> Source:
                 t = state[name]
                 tensors.append(SourceTensor(name, t.dtype, tuple(t.shape), _constant(t)))
     extra: dict[str, bytes | Path] = {
-        p.name: p
+        p.name: inside(path, p.name, f"{path}: file to copy", allow_hub_cache=True)
         for p in sorted(path.iterdir())
         if p.is_file()
         and p.suffix in _COPIED_SUFFIXES
         and p.name not in _NOT_COPIED
         and not p.name.startswith(".")
     }
-    return Source("hf", str(path.resolve()), config, tensors, extra)
+    files = [path / "config.json", *(path / f for f in set(weight_map.values())), *extra.values()]
+    files += [
+        p
+        for p in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json")
+        if p.is_file()
+    ]
+    return Source(
+        "hf", str(path.resolve()), config, tensors, extra, [p for p in files if isinstance(p, Path)]
+    )
 
 
 def state_dict_source(
@@ -99,7 +109,9 @@ def pth_source(paths: list[Path], decider: Decider, config: dict[str, Any] | Non
     for path in paths:
         part = state_dict_source(_torch_load(path), decider, None, str(path))
         tensors += part.tensors
-    return Source("pth", ",".join(str(p.resolve()) for p in paths), dict(config or {}), tensors)
+    return Source(
+        "pth", ",".join(str(p.resolve()) for p in paths), dict(config or {}), tensors, {}, list(paths)
+    )
 
 
 def legacy_dir_source(path: Path) -> Source:
@@ -119,7 +131,10 @@ def legacy_dir_source(path: Path) -> Source:
         p.name: p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in _COPIED_SUFFIXES
     }
     extra.pop("config.json", None)
-    return Source("pth", str(path.resolve()), ckpt.config, tensors, extra)
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and (p.suffix == ".pth" or p.suffix in _COPIED_SUFFIXES)
+    )
+    return Source("pth", str(path.resolve()), ckpt.config, tensors, extra, files)
 
 
 def decide(decider: Decider, key: str) -> Location | None:
