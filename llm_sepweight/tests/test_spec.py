@@ -72,7 +72,10 @@ def test_bad_direct_construction() -> None:
     with pytest.raises(ValueError):
         PartSpec(layers=(-1,))
     with pytest.raises(ValueError):
-        PartSpec(begin=True, full=True)
+        PartSpec(begin=False, full=True)
+    with pytest.raises(ValueError):
+        PartSpec(layers=(0,), full=True)
+    assert PartSpec(begin=True, end=True, full=True) == PartSpec(full=True)  # 0.10 wrote 'f' so
 
 
 @st.composite

@@ -5,11 +5,15 @@
 - `load(path, spec).to_dict()`: `begin.*`, `mid.<i>.*`, `end.*`, as in 0.10 (and `load` reads 0.10
   directories of `.pth` files too, with `weights_only=True`).
 - `get_filenames(spec)`: the files a spec needs, now `.safetensors`.
-- `lazy_load(module, path, spec)`: load into a module laid out like 0.10's `Part` (begin / mid / end).
+- `lazy_load(module, path, spec)`: load section by section into a plain module (each section's own names)
+  or into a 0.10 `Part` (begin / mid / end).
+- `is_cpu_memory_less_than_gpu(device)`; the modules `pth_conversion`, `safetensors_conversion`, and
+  `PartSpec` importable from `part_state_dict`, as in 0.10.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,11 @@ from llm_sepweight import format as fmt
 from llm_sepweight.checkpoint import Checkpoint
 from llm_sepweight.convert import convert
 from llm_sepweight.spec import PartSpec
+from llm_sepweight.utils import is_cpu_memory_less_than_gpu
+
+__all__ = ["Part", "dump", "get_filenames", "is_cpu_memory_less_than_gpu", "lazy_load"]
+
+logger = logging.getLogger(__name__)
 
 
 def dump(
@@ -44,15 +53,35 @@ def get_filenames(spec: str | PartSpec, num_layers: int | None = None) -> list[s
 
 
 def lazy_load(module: nn.Module, path: str | Path, spec: str | PartSpec) -> None:
-    """Load `spec` section by section into `module` (submodules `begin`, `mid.<i>`, `end`; strict=False)."""
+    """Load `spec` into `module` one section at a time (strict=False), as 0.10 did.
+
+    A plain module receives each section's own names (`"0-1"` into the module of one layer, `"b"` into an
+    embedding); a 0.10 `Part` receives them under `begin.*`, `mid.<i>.*` and `end.*`. A section none of whose
+    tensors the module has raises `ValueError` (0.10 silently loaded nothing).
+    """
     ckpt = Checkpoint(path)
     part = PartSpec.coerce(spec).resolve(ckpt.num_layers)
+    as_part = isinstance(module, Part)
+    sections: list[tuple[str, str, Callable[[], dict[str, torch.Tensor]]]] = []
     if part.begin:
-        module.load_state_dict(_prefixed("begin.", ckpt.load("b").begin or {}), strict=False)
+        sections.append(("begin", "begin.", lambda: ckpt.load("b").begin or {}))
     for i in part.layers:
-        module.load_state_dict(_prefixed(f"mid.{i}.", ckpt.layer_state_dict(i)), strict=False)
+        sections.append((f"layer {i}", f"mid.{i}.", lambda i=i: ckpt.layer_state_dict(i)))  # type: ignore[misc]
     if part.end:
-        module.load_state_dict(_prefixed("end.", ckpt.load("e").end or {}), strict=False)
+        sections.append(("end", "end.", lambda: ckpt.load("e").end or {}))
+    for what, prefix, read in sections:
+        state = read()
+        if as_part:
+            state = _prefixed(prefix, state)
+        logger.info("lazy_load: %s of %s into %s", what, ckpt.path, type(module).__name__)
+        result = module.load_state_dict(state, strict=False)
+        if state and len(result.unexpected_keys) == len(state):
+            raise ValueError(
+                f"{ckpt.path}: lazy_load({spec!r}): none of the {len(state)} tensors of {what} "
+                f"({sorted(state)[:3]}) is a parameter of the {type(module).__name__} given "
+                f"(it has {list(module.state_dict())[:3]})"
+            )
+        del state
 
 
 def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
