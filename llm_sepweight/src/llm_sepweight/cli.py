@@ -14,7 +14,7 @@ from llm_sepweight import format as fmt
 from llm_sepweight.checkpoint import Checkpoint
 from llm_sepweight.convert import convert
 from llm_sepweight.spec import PartSpec
-from llm_sepweight.verify import verify
+from llm_sepweight.verify import manifest_digest, verify
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 _DTYPES.update({"bfloat16": torch.bfloat16, "bf16": torch.bfloat16})
@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a sepweight directory against its manifest (exit 1 if bad)")
     p.add_argument("path")
     p.add_argument("--no-hash", action="store_true", help="skip the SHA-256 check (sizes and headers only)")
+    p.add_argument(
+        "--list-unknown", action="store_true", help="list files the manifest does not know instead of failing"
+    )
+    p.add_argument("--manifest-sha256", help="fail unless manifest.json has this SHA-256")
     p = sub.add_parser("files", help="list the files a part spec needs, one a line")
     p.add_argument("spec", help='a part spec, e.g. "b 0-12" or "24-30 e"')
     p.add_argument("path", nargs="?", help="a checkpoint directory (needed for 'f' and HF directories)")
@@ -80,8 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "info":
             _info(args.path, args.json)
         elif args.command == "verify":
-            verify(args.path, hashes=not args.no_hash)
-            print(f"{args.path}: OK")
+            unknown = verify(
+                args.path,
+                hashes=not args.no_hash,
+                unknown="list" if args.list_unknown else "error",
+                manifest_sha256=args.manifest_sha256,
+            )
+            for name in unknown:
+                print(f"{args.path}: not covered by the manifest: {name}")
+            print(f"{args.path}: OK (manifest.json SHA-256 {manifest_digest(args.path)})")
         elif args.command == "files":
             spec = PartSpec.parse(args.spec)
             if spec.full and not args.path:
