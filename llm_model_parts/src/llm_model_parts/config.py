@@ -3,14 +3,17 @@
 Reads both dialects of `config.json`: files written before transformers 5 (`rope_theta`, `rope_scaling`,
 `rope_local_base_freq` ...) and files written by transformers 5 (`rope_parameters`, flat or nested by
 layer type). Each family says its defaults and how to derive `layer_types` and the RoPE parameters per
-layer type; everything ends up in `ModelConfig`.
+layer type; everything ends up in the family's subclass of `ModelConfig` (`families/<family>.py`), typed,
+with the defaults its transformers config class applies, and checked (config_checks.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from typing import Any, ClassVar, get_type_hints
+
+from llm_model_parts.config_checks import check_field, choice, epsilon, positive, typed_value
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
@@ -67,113 +70,183 @@ class RopeParameters:
         return cls(rope_type=rope_type, **kwargs)
 
 
+# layers.mlp.ACTIVATIONS' names (a test keeps the two equal; config.py imports no layer)
+HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+
+_CONFIG_TYPES: dict[str, type[ModelConfig]] = {}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """What a part model needs from `config.json`. Field names are Hugging Face's."""
+    """What every family's part model reads from `config.json`. Field names are Hugging Face's.
+
+    Each family subclasses it (`LlamaConfig`, `GPT2Config` ...; `class XConfig(ModelConfig, model_type="x")`
+    registers it) with its own typed fields, and with the defaults of its transformers config class:
+    `hf_defaults` for the fields declared here, dataclass defaults for its own, `hf_aliases` for other names
+    of a field (GPT-2's `n_embd`), `derive` for what the class's `__post_init__` computes. `raw` keeps the
+    `config.json` dict verbatim for callers; nothing in this package reads it.
+    """
+
+    hf_defaults: ClassVar[Mapping[str, Any]] = {}
+    hf_aliases: ClassVar[Mapping[str, str]] = {}
 
     model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    max_position_embeddings: int
-    rms_norm_eps: float
-    hidden_act: str
-    tie_word_embeddings: bool
-    attention_bias: bool
-    mlp_bias: bool
-    layer_types: tuple[str, ...]
-    rope_parameters: dict[str, RopeParameters]  # layer type -> its RoPE
-    sliding_window: int | None = None
+    vocab_size: int = positive()
+    hidden_size: int = positive()
+    intermediate_size: int = positive()
+    num_hidden_layers: int = positive()
+    num_attention_heads: int = positive()
+    num_key_value_heads: int = positive()
+    head_dim: int = positive()
+    max_position_embeddings: int = positive()
+    rms_norm_eps: float = epsilon()
+    hidden_act: str = choice(HIDDEN_ACTS)
+    tie_word_embeddings: bool = False
+    layer_types: tuple[str, ...] = ()
+    rope_parameters: dict[str, RopeParameters] = field(default_factory=dict)  # layer type -> its RoPE
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = positive(None)
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
     pad_token_id: int | None = None
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
+    image_token_id: int | None = None  # where `inputs_embeds` without a mask go (a VLM's text model)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __init_subclass__(cls, model_type: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if model_type is not None:
+            _CONFIG_TYPES[model_type] = cls
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> ModelConfig:
-        """Build from a `config.json` dict (either dialect). Unsupported `model_type` raises ValueError."""
-        from llm_model_parts.families import get_family
+        """Build from a `config.json` dict (either dialect): the family's config class, its defaults applied.
+        Unsupported `model_type` or an invalid value raises ValueError naming it."""
+        raw = _text_config(config)
+        target = config_class(raw.get("model_type"))
+        if not issubclass(target, cls):
+            raise ValueError(f"config.json model_type {raw.get('model_type')!r} is not a {cls.__name__}")
+        return target._build(raw)
 
-        raw = dict(config)
-        if "text_config" in raw and "hidden_size" not in raw:
-            raw = {
-                **raw["text_config"],
-                "model_type": raw["text_config"].get("model_type", raw.get("model_type")),
-            }
-        family = get_family(raw.get("model_type"))
-        merged = {**family.defaults, **raw}
-        if family.normalize is not None:
-            merged = family.normalize(merged)
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        ):
-            if merged.get(name) is None:
-                raise ValueError(f"config.json ({family.model_type}): field {name!r} is missing")
-        if merged.get("num_key_value_heads") is None:
-            merged["num_key_value_heads"] = merged["num_attention_heads"]
-        if not merged.get("head_dim"):
-            merged["head_dim"] = merged["hidden_size"] // merged["num_attention_heads"]
-        merged["hidden_act"] = merged.get("hidden_activation") or merged.get("hidden_act") or "silu"
-        n = int(merged["num_hidden_layers"])
-        layer_types = tuple(family.layer_types(merged))
-        if len(layer_types) != n:
-            raise ValueError(f"config field layer_types has {len(layer_types)} entries, expected {n}")
-        for t in layer_types:
-            if t not in ("full_attention", "sliding_attention"):
-                raise ValueError(
-                    f"config field layer_types: unsupported attention type {t!r}; "
-                    "supported: full_attention, sliding_attention"
-                )
-        if "sliding_attention" in layer_types and not merged.get("sliding_window"):
-            raise ValueError("config field sliding_window must be set when layer_types has sliding_attention")
-        rope = family.rope_parameters(merged)
-        rope = {t: _with_original_length(p, merged) for t, p in rope.items()}
-        missing = set(layer_types) - set(rope)
-        if missing:
-            raise ValueError(f"config field rope_parameters has no entry for layer types {sorted(missing)}")
-        kq = merged["num_attention_heads"] % merged["num_key_value_heads"]
-        if kq:
-            raise ValueError(
-                f"config: num_attention_heads={merged['num_attention_heads']} is not a multiple of "
-                f"num_key_value_heads={merged['num_key_value_heads']}"
-            )
-        return cls(
-            model_type=family.model_type,
-            vocab_size=int(merged["vocab_size"]),
-            hidden_size=int(merged["hidden_size"]),
-            intermediate_size=int(merged["intermediate_size"]),
-            num_hidden_layers=n,
-            num_attention_heads=int(merged["num_attention_heads"]),
-            num_key_value_heads=int(merged["num_key_value_heads"]),
-            head_dim=int(merged["head_dim"]),
-            max_position_embeddings=int(merged.get("max_position_embeddings") or 2048),
-            rms_norm_eps=float(merged.get("rms_norm_eps") or 1e-6),
-            hidden_act=str(merged["hidden_act"]),
-            tie_word_embeddings=bool(merged.get("tie_word_embeddings", False)),
-            attention_bias=bool(merged.get("attention_bias", False)),
-            mlp_bias=bool(merged.get("mlp_bias", False)),
-            layer_types=layer_types,
-            rope_parameters=rope,
-            sliding_window=merged.get("sliding_window") if "sliding_attention" in layer_types else None,
-            query_pre_attn_scalar=merged.get("query_pre_attn_scalar"),
-            attn_logit_softcapping=merged.get("attn_logit_softcapping"),
-            final_logit_softcapping=merged.get("final_logit_softcapping"),
-            pad_token_id=merged.get("pad_token_id"),
-            bos_token_id=merged.get("bos_token_id"),
-            eos_token_id=merged.get("eos_token_id"),
-            raw=raw,
+    @classmethod
+    def derive(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The family's `__post_init__`: fields computed from others (typed values in, values out)."""
+        return config
+
+    @classmethod
+    def hf_layer_types(cls, config: Mapping[str, Any]) -> list[str]:
+        return explicit_or(config, all_full(config))
+
+    @classmethod
+    def hf_rope_parameters(cls, config: Mapping[str, Any]) -> dict[str, RopeParameters]:
+        return single_rope_for_all(config)
+
+    @classmethod
+    def _build(cls, raw: dict[str, Any]) -> ModelConfig:
+        values = {**_field_defaults(cls), **cls.hf_defaults, **raw}
+        for alias, name in cls.hf_aliases.items():
+            if alias in raw and name not in raw:
+                values[name] = raw[alias]
+        values["model_type"] = raw["model_type"]
+        hints = get_type_hints(cls)
+        for f in _fields_family_first(cls):
+            if f.name in values and f.name not in ("layer_types", "rope_parameters", "raw"):
+                values[f.name] = typed_value(f.name, values[f.name], hints[f.name])
+                check_field(f, values[f.name])
+        values = _derive_common(cls, cls.derive(values))
+        kwargs: dict[str, Any] = {}
+        for f in _fields_family_first(cls):
+            if f.name == "raw":
+                continue
+            if f.name not in values:
+                raise ValueError(f"config.json ({raw['model_type']}): field {f.name!r} is missing")
+            kwargs[f.name] = typed_value(f.name, values[f.name], hints[f.name])
+            check_field(f, kwargs[f.name])
+        return cls(**kwargs, raw=raw)
+
+
+def config_class(model_type: object) -> type[ModelConfig]:
+    """The config class registered for `model_type` (the families register theirs on import)."""
+    if not isinstance(model_type, str) or model_type not in _CONFIG_TYPES:
+        raise ValueError(
+            f"config.json model_type {model_type!r} is not supported by llm_model_parts; "
+            f"supported: {', '.join(sorted(_CONFIG_TYPES))}"
         )
+    return _CONFIG_TYPES[model_type]
+
+
+def _text_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A VLM's `text_config` (with the outer `image_token_id`), or the config itself."""
+    raw = dict(config)
+    if "text_config" in raw and "hidden_size" not in raw:
+        outer = raw
+        raw = {
+            **raw["text_config"],
+            "model_type": raw["text_config"].get("model_type", raw.get("model_type")),
+        }
+        for name in ("image_token_id", "image_token_index"):
+            if outer.get(name) is not None and name not in raw:
+                raw[name] = outer[name]
+    return raw
+
+
+def _field_defaults(cls: type[ModelConfig]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+    return out
+
+
+def _fields_family_first(cls: type[ModelConfig]) -> list[Field[Any]]:
+    """A family's own fields first, so a bad `activation_function` is named before the `hidden_act` it sets."""
+    common = len(fields(ModelConfig))
+    all_fields = list(fields(cls))
+    return all_fields[common:] + all_fields[:common]
+
+
+def _derive_common(cls: type[ModelConfig], values: dict[str, Any]) -> dict[str, Any]:
+    """What every family derives alike: KV heads, head_dim, layer types, RoPE per layer type."""
+    heads = values.get("num_attention_heads")
+    if values.get("num_key_value_heads") is None:
+        values["num_key_value_heads"] = heads
+    if not values.get("head_dim") and heads:
+        hidden = int(values["hidden_size"])
+        if hidden % heads:
+            raise ValueError(
+                f"config field num_attention_heads={heads} does not divide hidden_size={hidden} "
+                "(head_dim is derived from them)"
+            )
+        values["head_dim"] = hidden // heads
+    kv = values["num_key_value_heads"]
+    if heads and kv and heads % kv:
+        raise ValueError(
+            f"config field num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}"
+        )
+    if values.get("image_token_id") is None:
+        values["image_token_id"] = values.get("image_token_index")
+    n = int(values["num_hidden_layers"])
+    layer_types = tuple(typed_value("layer_types", cls.hf_layer_types(values), tuple[str, ...]))
+    if len(layer_types) != n:
+        raise ValueError(f"config field layer_types has {len(layer_types)} entries, expected {n}")
+    for t in layer_types:
+        if t not in ("full_attention", "sliding_attention"):
+            raise ValueError(
+                f"config field layer_types: unsupported attention type {t!r}; "
+                "supported: full_attention, sliding_attention"
+            )
+    if "sliding_attention" in layer_types and not values.get("sliding_window"):
+        raise ValueError("config field sliding_window must be set when layer_types has sliding_attention")
+    if "sliding_attention" not in layer_types:
+        values["sliding_window"] = None
+    rope = {t: _with_original_length(p, values) for t, p in cls.hf_rope_parameters(values).items()}
+    missing = set(layer_types) - set(rope)
+    if missing:
+        raise ValueError(f"config field rope_parameters has no entry for layer types {sorted(missing)}")
+    return {**values, "layer_types": layer_types, "rope_parameters": rope}
 
 
 def standard_rope(config: Mapping[str, Any], where_nested: str | None = None) -> RopeParameters:

@@ -10,6 +10,7 @@ import torch
 
 from llm_model_parts.config import ModelConfig
 from llm_sepweight import PartSpec
+from llm_sepweight.names import NameRule, rule_for, split_names
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # old Llama checkpoints saved this buffer
 
@@ -32,26 +33,7 @@ def to_part_names(weights: Any, spec: PartSpec, config: ModelConfig) -> dict[str
         raise TypeError(
             f"state_dict must be a PartStateDict or a mapping of tensors, got {type(weights).__name__}"
         )
-    from llm_model_parts.families import get_family
-
-    if get_family(config.model_type).build_begin is not None:
-        return _by_name_rules(weights, spec, config)
-    for name, tensor in weights.items():
-        key = name.removeprefix("model.")
-        if _ignored(key):
-            continue
-        head, _, rest = key.partition(".")
-        if head == "layers":
-            index, _, sub = rest.partition(".")
-            if index.isdigit() and int(index) in local:
-                out[f"layers.{local[int(index)]}.{sub}"] = tensor
-        elif (head == "embed_tokens" and spec.begin) or (head in ("norm", "lm_head") and spec.end):
-            out[key] = tensor
-    if spec.end and "lm_head.weight" not in out and config.tie_word_embeddings:
-        tied = weights.get("model.embed_tokens.weight", weights.get("embed_tokens.weight"))
-        if tied is not None:
-            out["lm_head.weight"] = tied
-    return out
+    return _by_name_rules(weights, spec, config)
 
 
 def _section(tensors: Mapping[str, torch.Tensor] | None, name: str) -> dict[str, torch.Tensor]:
@@ -72,23 +54,29 @@ def _ignored(name: str) -> bool:
 def _by_name_rules(
     weights: Mapping[str, torch.Tensor], spec: PartSpec, config: ModelConfig
 ) -> dict[str, torch.Tensor]:
-    """Flat HF state dicts of families with their own begin/end names (`transformer.h.3.attn.c_attn.weight`,
-    `model.decoder.embed_positions.weight` ...), mapped by llm_sepweight's per-architecture name rules."""
-    from llm_sepweight.names import rule_for, split_names
-
+    """A flat HF state dict (`model.layers.3.mlp.up_proj.weight`, `transformer.h.3.attn.c_attn.weight` ...)
+    mapped by llm_sepweight's per-architecture name rules; the rule's body prefix (`model.`) is optional."""
+    rule = rule_for(config.model_type, weights)
+    named = {_with_base(rule, name): tensor for name, tensor in weights.items()}
     local = {layer: j for j, layer in enumerate(spec.layers)}
     out: dict[str, torch.Tensor] = {}
     begin: dict[str, torch.Tensor] = {}
-    for name, loc in split_names(config.model_type, weights, config.num_hidden_layers).items():
+    for name, loc in split_names(config.model_type, named, config.num_hidden_layers).items():
         if loc.section == "mid" and loc.layer in local:
-            out[f"layers.{local[loc.layer]}.{loc.name}"] = weights[name]
+            out[f"layers.{local[loc.layer]}.{loc.name}"] = named[name]
         elif loc.section == "begin":
-            begin[loc.name] = weights[name]
+            begin[loc.name] = named[name]
         elif loc.section == "end" and spec.end:
-            out[loc.name] = weights[name]
+            out[loc.name] = named[name]
     if spec.begin:
         out.update(begin)
-    embedding = rule_for(config.model_type, weights).embedding
-    if spec.end and "lm_head.weight" not in out and config.tie_word_embeddings and embedding in begin:
-        out["lm_head.weight"] = begin[embedding]
+    if spec.end and "lm_head.weight" not in out and config.tie_word_embeddings and rule.embedding in begin:
+        out["lm_head.weight"] = begin[rule.embedding]
     return out
+
+
+def _with_base(rule: NameRule, name: str) -> str:
+    """`layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj.weight` (names without the body prefix)."""
+    if name.startswith(("lm_head.", *rule.bases)) or not rule.bases:
+        return name
+    return rule.bases[-1] + name

@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from llm_model_parts.config import ModelConfig
-from llm_model_parts.families import Family
+from llm_model_parts.config import HIDDEN_ACTS, ModelConfig
+from llm_model_parts.config_checks import choice, epsilon, positive
+from llm_model_parts.family import Family
 from llm_model_parts.layers.attention import KV
 from llm_model_parts.layers.attention_variants import VariantAttention
 from llm_model_parts.layers.ends import Begin, End
@@ -19,15 +21,62 @@ from llm_model_parts.layers.mlp import activation
 from llm_model_parts.step import Step
 
 
+@dataclass(frozen=True)
+class FalconConfig(ModelConfig, model_type="falcon"):
+    """HF's FalconConfig; `num_key_value_heads`, `intermediate_size`, `hidden_act` and `rms_norm_eps` are
+    derived from `num_kv_heads`, `ffn_hidden_size`, `activation` and `layer_norm_epsilon` as its model does."""
+
+    hf_defaults: ClassVar[dict[str, Any]] = {
+        "vocab_size": 65024,
+        "hidden_size": 4544,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 71,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 11,
+        "eos_token_id": 11,
+        "tie_word_embeddings": True,
+    }
+    # `n_embed` is HF's; `n_layer` / `n_head` / `n_head_kv` are the older RW checkpoints' names
+    hf_aliases: ClassVar[dict[str, str]] = {
+        "n_embed": "hidden_size",
+        "n_layer": "num_hidden_layers",
+        "n_head": "num_attention_heads",
+        "n_head_kv": "num_kv_heads",
+    }
+
+    num_ln_in_parallel_attn: int | None = positive(None)
+    layer_norm_epsilon: float = epsilon(1e-5)
+    num_kv_heads: int | None = positive(None)
+    alibi: bool = False
+    new_decoder_architecture: bool = False
+    multi_query: bool = True
+    parallel_attn: bool = True
+    bias: bool = False
+    ffn_hidden_size: int | None = positive(None)
+    activation: str = choice(HIDDEN_ACTS, "gelu")
+
+    @classmethod
+    def derive(cls, config: dict[str, Any]) -> dict[str, Any]:
+        heads = config["num_attention_heads"]
+        kv = config["num_kv_heads"] or heads
+        grouped = config["new_decoder_architecture"] or not config["multi_query"]
+        return {
+            **config,
+            "num_kv_heads": kv,
+            "num_key_value_heads": (kv if config["new_decoder_architecture"] else heads) if grouped else 1,
+            "intermediate_size": config["ffn_hidden_size"] or 4 * config["hidden_size"],
+            "hidden_act": config["activation"],
+            "rms_norm_eps": config["layer_norm_epsilon"],
+            "head_dim": None,  # hidden_size // num_attention_heads, as HF's property
+        }
+
+
 class FalconAttention(VariantAttention):
-    def __init__(self, config: ModelConfig, i: int) -> None:
-        raw = config.raw
-        self.new_decoder_architecture = bool(raw.get("new_decoder_architecture"))
-        self.multi_query = bool(raw.get("multi_query", True))
-        alibi = bool(raw.get("alibi"))
-        super().__init__(
-            config, i, rope=None if alibi else "half", alibi=alibi, qkv_bias=bool(raw.get("bias"))
-        )
+    def __init__(self, config: FalconConfig, i: int) -> None:
+        self.new_decoder_architecture = config.new_decoder_architecture
+        self.multi_query = config.multi_query
+        alibi = config.alibi
+        super().__init__(config, i, rope=None if alibi else "half", alibi=alibi, qkv_bias=config.bias)
 
     def _make_projections(self, config: ModelConfig, qkv_bias: bool, o_bias: bool) -> None:
         h, d = config.hidden_size, self.head_dim
@@ -56,9 +105,9 @@ class FalconAttention(VariantAttention):
 
 
 class FalconMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: FalconConfig) -> None:
         super().__init__()
-        bias = bool(config.raw.get("bias"))
+        bias = config.bias
         self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = activation(config.hidden_act)
@@ -68,12 +117,12 @@ class FalconMLP(nn.Module):
 
 
 class FalconDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, i: int) -> None:
+    def __init__(self, config: FalconConfig, i: int) -> None:
         super().__init__()
-        raw, h, eps = config.raw, config.hidden_size, config.rms_norm_eps
-        self.new_decoder_architecture = bool(raw.get("new_decoder_architecture"))
-        self.parallel_attn = bool(raw.get("parallel_attn", True))
-        lns = raw.get("num_ln_in_parallel_attn") or (2 if self.new_decoder_architecture else 1)
+        h, eps = config.hidden_size, config.layer_norm_epsilon
+        self.new_decoder_architecture = config.new_decoder_architecture
+        self.parallel_attn = config.parallel_attn
+        lns = config.num_ln_in_parallel_attn or (2 if self.new_decoder_architecture else 1)
         self.two_norms = self.new_decoder_architecture and lns == 2
         self.self_attention = FalconAttention(config, i)
         self.mlp = FalconMLP(config)
@@ -98,54 +147,19 @@ class FalconDecoderLayer(nn.Module):
         return x + (self.mlp(mlp_in) + attn)
 
 
-def normalize(config: dict[str, Any]) -> dict[str, Any]:
-    """Falcon's config names (and the older RW ones: `n_layer`, `n_head`, `n_head_kv`) -> the common ones."""
-    out = dict(config)
-    for ours, theirs in (("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head")):
-        if out.get(ours) is None and out.get(theirs) is not None:
-            out[ours] = out[theirs]
-    heads = out.get("num_attention_heads")
-    new = bool(out.get("new_decoder_architecture"))
-    kv = out.get("num_kv_heads", out.get("n_head_kv"))
-    if new or not out.get("multi_query", True):
-        out["num_key_value_heads"] = kv if (new and kv) else heads
-    else:
-        out["num_key_value_heads"] = 1
-    if out.get("hidden_size") is not None:
-        out["intermediate_size"] = out.get("ffn_hidden_size") or 4 * int(out["hidden_size"])
-    out["rms_norm_eps"] = out.get("layer_norm_epsilon", 1e-5)
-    out["hidden_act"] = out.get("activation") or "gelu"
-    out.pop("hidden_activation", None)
-    out.pop("head_dim", None)
-    return out
-
-
-def build_begin(config: ModelConfig) -> nn.Module:
+def build_begin(config: FalconConfig) -> nn.Module:
     return Begin(config.vocab_size, config.hidden_size, embed_name="word_embeddings")
 
 
-def build_end(config: ModelConfig) -> nn.Module:
-    norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+def build_end(config: FalconConfig) -> nn.Module:
+    norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
     return End(norm, config.hidden_size, config.vocab_size, norm_name="ln_f")
 
 
 FAMILY = Family(
     model_type="falcon",
+    config_class=FalconConfig,
     build_layer=FalconDecoderLayer,
-    defaults={
-        "hidden_size": 4544,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 71,
-        "layer_norm_epsilon": 1e-5,
-        "multi_query": True,
-        "parallel_attn": True,
-        "bias": False,
-        "alibi": False,
-        "new_decoder_architecture": False,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
-    },
-    normalize=normalize,
     build_begin=build_begin,
     build_end=build_end,
 )

@@ -4,14 +4,17 @@ layer (`1 + weight` RMSNorm), embeddings scaled by sqrt(hidden_size)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from llm_model_parts.config import ModelConfig, RopeParameters, explicit_or
-from llm_model_parts.families import Family
+from llm_model_parts.config import HIDDEN_ACTS, ModelConfig, RopeParameters, explicit_or
+from llm_model_parts.config_checks import choice
+from llm_model_parts.family import Family
 from llm_model_parts.layers.attention import KV, Attention
+from llm_model_parts.layers.ends import End
 from llm_model_parts.layers.mlp import GatedMLP
 from llm_model_parts.layers.norm import GemmaRMSNorm
 from llm_model_parts.step import Step
@@ -45,7 +48,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 def layer_types(config: Mapping[str, Any]) -> list[str]:
-    if config.get("use_bidirectional_attention"):
+    if config["use_bidirectional_attention"]:
         raise ValueError("config field use_bidirectional_attention=true is not supported (causal LMs only)")
     pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or 6)
     n = int(config["num_hidden_layers"])
@@ -73,20 +76,51 @@ def rope_parameters(config: Mapping[str, Any]) -> dict[str, RopeParameters]:
     }
 
 
-FAMILY = Family(
-    model_type="gemma3_text",
-    build_layer=Gemma3DecoderLayer,
-    defaults={
-        "rms_norm_eps": 1e-6,
-        "hidden_activation": "gelu_pytorch_tanh",
+@dataclass(frozen=True)
+class Gemma3TextConfig(ModelConfig, model_type="gemma3_text"):
+    hf_defaults: ClassVar[dict[str, Any]] = {
+        "vocab_size": 262208,
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
         "head_dim": 256,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "bos_token_id": 2,
+        "tie_word_embeddings": True,
         "query_pre_attn_scalar": 256,
         "sliding_window": 4096,
-        "max_position_embeddings": 131072,
-        "tie_word_embeddings": True,
-    },
-    layer_types=layer_types,
-    rope_parameters=rope_parameters,
-    build_norm=lambda config: GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+    }
+
+    hidden_activation: str = choice(HIDDEN_ACTS, "gelu_pytorch_tanh")
+    use_bidirectional_attention: bool = False
+
+    @classmethod
+    def derive(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {**config, "hidden_act": config["hidden_activation"]}
+
+    @classmethod
+    def hf_layer_types(cls, config: Mapping[str, Any]) -> list[str]:
+        return layer_types(config)
+
+    @classmethod
+    def hf_rope_parameters(cls, config: Mapping[str, Any]) -> dict[str, RopeParameters]:
+        return rope_parameters(config)
+
+
+def build_end(config: ModelConfig) -> nn.Module:
+    norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return End(norm, config.hidden_size, config.vocab_size)
+
+
+FAMILY = Family(
+    model_type="gemma3_text",
+    config_class=Gemma3TextConfig,
+    build_layer=Gemma3DecoderLayer,
+    build_end=build_end,
     embed_scale=lambda config: config.hidden_size**0.5,
 )

@@ -6,18 +6,65 @@ unchanged and run as `x @ weight + bias`.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from llm_model_parts.config import ModelConfig
-from llm_model_parts.families import Family
+from llm_model_parts.config import HIDDEN_ACTS, ModelConfig
+from llm_model_parts.config_checks import choice, epsilon, positive
+from llm_model_parts.family import Family
 from llm_model_parts.layers.attention import KV
 from llm_model_parts.layers.attention_variants import VariantAttention
 from llm_model_parts.layers.ends import Begin, End
 from llm_model_parts.layers.mlp import activation
 from llm_model_parts.step import Step
+
+# HF's attribute_map: GPT-2 and GPT-J spell the common fields their own way
+GPT_ALIASES: dict[str, str] = {
+    "n_embd": "hidden_size",
+    "n_layer": "num_hidden_layers",
+    "n_head": "num_attention_heads",
+    "n_positions": "max_position_embeddings",
+}
+
+
+def derive_gpt(config: dict[str, Any]) -> dict[str, Any]:
+    """GPT-2 / GPT-J: the MLP is `n_inner` wide (4 * n_embd when unset), one KV head per query head."""
+    return {
+        **config,
+        "intermediate_size": config["n_inner"] or 4 * config["hidden_size"],
+        "num_key_value_heads": config["num_attention_heads"],
+        "hidden_act": config["activation_function"],
+        "rms_norm_eps": config["layer_norm_epsilon"],
+        "head_dim": None,
+    }
+
+
+@dataclass(frozen=True)
+class GPT2Config(ModelConfig, model_type="gpt2"):
+    hf_defaults: ClassVar[dict[str, Any]] = {
+        "vocab_size": 50257,
+        "max_position_embeddings": 1024,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+    }
+    hf_aliases: ClassVar[dict[str, str]] = GPT_ALIASES
+
+    n_inner: int | None = positive(None)
+    activation_function: str = choice(HIDDEN_ACTS, "gelu_new")
+    layer_norm_epsilon: float = epsilon(1e-5)
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+
+    @classmethod
+    def derive(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return derive_gpt(config)
 
 
 class Conv1D(nn.Module):
@@ -33,10 +80,9 @@ class Conv1D(nn.Module):
 
 
 class GPT2Attention(VariantAttention):
-    def __init__(self, config: ModelConfig, i: int) -> None:
-        raw = config.raw
-        scaling = config.head_dim**-0.5 if raw.get("scale_attn_weights", True) else 1.0
-        if raw.get("scale_attn_by_inverse_layer_idx", False):
+    def __init__(self, config: GPT2Config, i: int) -> None:
+        scaling = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
             scaling /= float(i + 1)
         super().__init__(config, i, rope=None, scaling=scaling)
 
@@ -65,9 +111,9 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config: ModelConfig, i: int) -> None:
+    def __init__(self, config: GPT2Config, i: int) -> None:
         super().__init__()
-        h, eps = config.hidden_size, config.rms_norm_eps
+        h, eps = config.hidden_size, config.layer_norm_epsilon
         self.ln_1 = nn.LayerNorm(h, eps=eps)
         self.attn = GPT2Attention(config, i)
         self.ln_2 = nn.LayerNorm(h, eps=eps)
@@ -78,27 +124,7 @@ class GPT2Block(nn.Module):
         return h + self.mlp(self.ln_2(h))
 
 
-def normalize(config: dict[str, Any]) -> dict[str, Any]:
-    """GPT-2's names (`n_embd`, `n_layer`, `n_head`, `n_inner`, `n_positions`) -> the common ones."""
-    out = dict(config)
-    for ours, theirs in (
-        ("hidden_size", "n_embd"),
-        ("num_hidden_layers", "n_layer"),
-        ("num_attention_heads", "n_head"),
-        ("max_position_embeddings", "n_positions"),
-        ("rms_norm_eps", "layer_norm_epsilon"),
-        ("hidden_act", "activation_function"),
-    ):
-        if out.get(theirs) is not None:
-            out[ours] = out[theirs]
-    if out.get("hidden_size") is not None:
-        out["intermediate_size"] = out.get("n_inner") or 4 * int(out["hidden_size"])
-    out["num_key_value_heads"] = out.get("num_attention_heads")
-    out.pop("hidden_activation", None)
-    return out
-
-
-def build_begin(config: ModelConfig) -> nn.Module:
+def build_begin(config: GPT2Config) -> nn.Module:
     return Begin(
         config.vocab_size,
         config.hidden_size,
@@ -108,24 +134,15 @@ def build_begin(config: ModelConfig) -> nn.Module:
     )
 
 
-def build_end(config: ModelConfig) -> nn.Module:
-    norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+def build_end(config: GPT2Config) -> nn.Module:
+    norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
     return End(norm, config.hidden_size, config.vocab_size, norm_name="ln_f")
 
 
 FAMILY = Family(
     model_type="gpt2",
+    config_class=GPT2Config,
     build_layer=GPT2Block,
-    defaults={
-        "n_embd": 768,
-        "n_layer": 12,
-        "n_head": 12,
-        "n_positions": 1024,
-        "layer_norm_epsilon": 1e-5,
-        "activation_function": "gelu_new",
-        "tie_word_embeddings": True,
-    },
-    normalize=normalize,
     build_begin=build_begin,
     build_end=build_end,
 )

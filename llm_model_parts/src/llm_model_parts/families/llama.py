@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 from torch import nn
 
 from llm_model_parts.config import ModelConfig
-from llm_model_parts.families import Family
+from llm_model_parts.family import Family
 from llm_model_parts.layers.attention import Attention
 from llm_model_parts.layers.block import DecoderLayer
 from llm_model_parts.layers.mlp import GatedMLP
 from llm_model_parts.layers.norm import RMSNorm
+
+# transformers' LlamaConfig defaults for the common fields
+LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass(frozen=True)
+class LlamaConfig(ModelConfig, model_type="llama"):
+    hf_defaults: ClassVar[dict[str, Any]] = LLAMA_DEFAULTS
 
 
 def build_layer(
@@ -28,8 +51,4 @@ def build_layer(
     return DecoderLayer(attn, mlp, RMSNorm(h, eps=eps), RMSNorm(h, eps=eps))
 
 
-FAMILY = Family(
-    model_type="llama",
-    build_layer=build_layer,
-    defaults={"rms_norm_eps": 1e-6, "hidden_act": "silu", "max_position_embeddings": 2048},
-)
+FAMILY = Family(model_type="llama", config_class=LlamaConfig, build_layer=build_layer)

@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from llm_model_parts.config import explicit_or
-from llm_model_parts.families import Family
-from llm_model_parts.families.llama import build_layer
+from llm_model_parts.config import ModelConfig, explicit_or
+from llm_model_parts.families.llama import LLAMA_DEFAULTS, build_layer
+from llm_model_parts.family import Family
 
 
-def layer_types(config: Mapping[str, Any]) -> list[str]:
+def window_on_every_layer(config: Mapping[str, Any]) -> list[str]:
     kind = "sliding_attention" if config.get("sliding_window") else "full_attention"
     return explicit_or(config, [kind] * int(config["num_hidden_layers"]))
 
 
-FAMILY = Family(
-    model_type="mistral",
-    build_layer=build_layer,
-    defaults={
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "sliding_window": 4096,
+@dataclass(frozen=True)
+class MistralConfig(ModelConfig, model_type="mistral"):
+    hf_defaults: ClassVar[dict[str, Any]] = {
+        **LLAMA_DEFAULTS,
+        "intermediate_size": 14336,
+        "num_key_value_heads": 8,
         "max_position_embeddings": 131072,
-    },
-    layer_types=layer_types,
-)
+        "sliding_window": 4096,
+    }
+
+    @classmethod
+    def hf_layer_types(cls, config: Mapping[str, Any]) -> list[str]:
+        return window_on_every_layer(config)
+
+
+FAMILY = Family(model_type="mistral", config_class=MistralConfig, build_layer=build_layer)

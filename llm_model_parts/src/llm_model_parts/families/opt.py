@@ -4,13 +4,15 @@ when `word_embed_proj_dim` differs from `hidden_size`."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from llm_model_parts.config import ModelConfig
-from llm_model_parts.families import Family
+from llm_model_parts.config import HIDDEN_ACTS, ModelConfig
+from llm_model_parts.config_checks import choice, positive
+from llm_model_parts.family import Family
 from llm_model_parts.layers.attention import KV
 from llm_model_parts.layers.attention_variants import VariantAttention
 from llm_model_parts.layers.ends import Begin, End
@@ -21,9 +23,46 @@ from llm_model_parts.step import Step
 POSITION_OFFSET = 2  # OPT's embedding table starts two rows in (a fairseq padding convention)
 
 
+@dataclass(frozen=True)
+class OPTConfig(ModelConfig, model_type="opt"):
+    """HF's OPTConfig. Its LayerNorms use torch's default epsilon (1e-5); `rms_norm_eps` holds it."""
+
+    hf_defaults: ClassVar[dict[str, Any]] = {
+        "vocab_size": 50272,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 2048,
+        "pad_token_id": 1,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "tie_word_embeddings": True,
+    }
+
+    ffn_dim: int = positive(3072)
+    do_layer_norm_before: bool = True
+    _remove_final_layer_norm: bool = False
+    word_embed_proj_dim: int | None = positive(None)
+    activation_function: str = choice(HIDDEN_ACTS, "relu")
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+
+    @classmethod
+    def derive(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **config,
+            "word_embed_proj_dim": config["word_embed_proj_dim"] or config["hidden_size"],
+            "intermediate_size": config["ffn_dim"],
+            "hidden_act": config["activation_function"],
+            "num_key_value_heads": config["num_attention_heads"],
+            "rms_norm_eps": 1e-5,
+            "head_dim": None,
+        }
+
+
 class OPTAttention(VariantAttention):
-    def __init__(self, config: ModelConfig, i: int) -> None:
-        bias = bool(config.raw.get("enable_bias", True))
+    def __init__(self, config: OPTConfig, i: int) -> None:
+        bias = config.enable_bias
         super().__init__(config, i, rope=None, qkv_bias=bias, o_bias=bias)
 
     def _make_projections(self, config: ModelConfig, qkv_bias: bool, o_bias: bool) -> None:
@@ -37,17 +76,15 @@ class OPTAttention(VariantAttention):
         return self.out_proj(x)
 
 
-def _layer_norm(config: ModelConfig) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        config.hidden_size, elementwise_affine=bool(config.raw.get("layer_norm_elementwise_affine", True))
-    )
+def _layer_norm(config: OPTConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.hidden_size, elementwise_affine=config.layer_norm_elementwise_affine)
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, i: int) -> None:
+    def __init__(self, config: OPTConfig, i: int) -> None:
         super().__init__()
-        bias = bool(config.raw.get("enable_bias", True))
-        self.do_layer_norm_before = bool(config.raw.get("do_layer_norm_before", True))
+        bias = config.enable_bias
+        self.do_layer_norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(config, i)
         self.self_attn_layer_norm = _layer_norm(config)
         self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=bias)
@@ -64,21 +101,12 @@ class OPTDecoderLayer(nn.Module):
         return out if before else self.final_layer_norm(out)
 
 
-def normalize(config: dict[str, Any]) -> dict[str, Any]:
-    out = dict(config)
-    out["intermediate_size"] = out.get("ffn_dim")
-    out["hidden_act"] = out.get("activation_function") or "relu"
-    out.pop("hidden_activation", None)
-    out["num_key_value_heads"] = out.get("num_attention_heads")
-    return out
-
-
-def _projection(config: ModelConfig) -> int | None:
-    width = int(config.raw.get("word_embed_proj_dim") or config.hidden_size)
+def _projection(config: OPTConfig) -> int | None:
+    width = config.word_embed_proj_dim or config.hidden_size
     return width if width != config.hidden_size else None
 
 
-def build_begin(config: ModelConfig) -> nn.Module:
+def build_begin(config: OPTConfig) -> nn.Module:
     width = _projection(config)
     return Begin(
         config.vocab_size,
@@ -90,9 +118,8 @@ def build_begin(config: ModelConfig) -> nn.Module:
     )
 
 
-def build_end(config: ModelConfig) -> nn.Module:
-    raw = config.raw
-    final_norm = raw.get("do_layer_norm_before", True) and not raw.get("_remove_final_layer_norm", False)
+def build_end(config: OPTConfig) -> nn.Module:
+    final_norm = config.do_layer_norm_before and not config._remove_final_layer_norm
     norm = _layer_norm(config) if final_norm else None
     return End(
         norm,
@@ -105,17 +132,8 @@ def build_end(config: ModelConfig) -> nn.Module:
 
 FAMILY = Family(
     model_type="opt",
+    config_class=OPTConfig,
     build_layer=OPTDecoderLayer,
-    defaults={
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "ffn_dim": 3072,
-        "max_position_embeddings": 2048,
-        "activation_function": "relu",
-        "tie_word_embeddings": True,
-    },
-    normalize=normalize,
     build_begin=build_begin,
     build_end=build_end,
 )

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from llm_model_parts.config import ModelConfig, RopeParameters, explicit_or, standard_rope
-from llm_model_parts.families import Family
+from llm_model_parts.config import ModelConfig, RopeParameters, standard_rope
+from llm_model_parts.config_checks import positive
+from llm_model_parts.families.mistral import window_on_every_layer
+from llm_model_parts.family import Family
 from llm_model_parts.layers.attention import Attention
 from llm_model_parts.layers.block import DecoderLayer
 from llm_model_parts.layers.linear import Linear
@@ -41,11 +44,6 @@ def build_layer(config: ModelConfig, i: int) -> nn.Module:
     return DecoderLayer(attn, mlp, RMSNorm(h, eps=eps), RMSNorm(h, eps=eps))
 
 
-def layer_types(config: Mapping[str, Any]) -> list[str]:
-    kind = "sliding_attention" if config.get("sliding_window") else "full_attention"
-    return explicit_or(config, [kind] * int(config["num_hidden_layers"]))
-
-
 def rope_parameters(config: Mapping[str, Any]) -> dict[str, RopeParameters]:
     raw = dict(config)
     for key in ("rope_scaling", "rope_parameters"):
@@ -60,16 +58,32 @@ def rope_parameters(config: Mapping[str, Any]) -> dict[str, RopeParameters]:
     return {"full_attention": rope, "sliding_attention": rope}
 
 
-FAMILY = Family(
-    model_type="phi3",
-    build_layer=build_layer,
-    defaults={
-        "rms_norm_eps": 1e-5,
+@dataclass(frozen=True)
+class Phi3Config(ModelConfig, model_type="phi3"):
+    hf_defaults: ClassVar[dict[str, Any]] = {
+        "vocab_size": 32064,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
         "hidden_act": "silu",
         "max_position_embeddings": 4096,
-        "original_max_position_embeddings": 4096,
-        "sliding_window": None,
-    },
-    layer_types=layer_types,
-    rope_parameters=rope_parameters,
-)
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 32000,
+        "pad_token_id": 32000,
+    }
+
+    original_max_position_embeddings: int = positive(4096)
+
+    @classmethod
+    def hf_layer_types(cls, config: Mapping[str, Any]) -> list[str]:
+        return window_on_every_layer(config)
+
+    @classmethod
+    def hf_rope_parameters(cls, config: Mapping[str, Any]) -> dict[str, RopeParameters]:
+        return rope_parameters(config)
+
+
+FAMILY = Family(model_type="phi3", config_class=Phi3Config, build_layer=build_layer)

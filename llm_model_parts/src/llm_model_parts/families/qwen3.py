@@ -2,28 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 from torch import nn
 
 from llm_model_parts.config import ModelConfig
-from llm_model_parts.families import Family
+from llm_model_parts.config_checks import positive
 from llm_model_parts.families.llama import build_layer as llama_layer
-from llm_model_parts.families.qwen2 import layer_types
+from llm_model_parts.families.qwen2 import QWEN_DEFAULTS, window_from
+from llm_model_parts.family import Family
+
+
+@dataclass(frozen=True)
+class Qwen3Config(ModelConfig, model_type="qwen3"):
+    hf_defaults: ClassVar[dict[str, Any]] = {**QWEN_DEFAULTS, "head_dim": 128}
+
+    use_sliding_window: bool = False
+    max_window_layers: int = positive(28)
+
+    @classmethod
+    def hf_layer_types(cls, config: Mapping[str, Any]) -> list[str]:
+        return window_from(config)
 
 
 def build_layer(config: ModelConfig, i: int) -> nn.Module:
     return llama_layer(config, i, qk_norm=True)
 
 
-FAMILY = Family(
-    model_type="qwen3",
-    build_layer=build_layer,
-    defaults={
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "head_dim": 128,
-        "use_sliding_window": False,
-        "max_window_layers": 28,
-        "max_position_embeddings": 32768,
-    },
-    layer_types=layer_types,
-)
+FAMILY = Family(model_type="qwen3", config_class=Qwen3Config, build_layer=build_layer)

@@ -102,8 +102,7 @@ def merge_positions(
                 f"inputs_embeds mask must have the ids' shape {tuple(ids.shape)}, got {tuple(mask.shape)}"
             )
     else:
-        raw = getattr(config, "raw", {})
-        token = raw.get("image_token_id", raw.get("image_token_index"))
+        token = getattr(config, "image_token_id", None)
         if token is None:
             raise ValueError(
                 "inputs_embeds without a mask needs the config's image_token_id (or image_token_index); "

@@ -10,18 +10,46 @@ step never re-expands the cache.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_model_parts.config import ModelConfig
+from llm_model_parts.config import RopeParameters
 from llm_model_parts.layers.attention import KV, attend
 from llm_model_parts.layers.attention_variants import deinterleave
 from llm_model_parts.layers.linear import Linear
 from llm_model_parts.layers.norm import RMSNorm
 from llm_model_parts.layers.rope import apply_rope
 from llm_model_parts.step import Step, write_cache
+
+
+class MLAConfig(Protocol):
+    """The fields of a DeepSeek config that MLA reads (`families.deepseek_v3.DeepseekV3Config` has them)."""
+
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def num_attention_heads(self) -> int: ...
+    @property
+    def attention_bias(self) -> bool: ...
+    @property
+    def layer_types(self) -> tuple[str, ...]: ...
+    @property
+    def rope_parameters(self) -> dict[str, RopeParameters]: ...
+    @property
+    def q_lora_rank(self) -> int | None: ...
+    @property
+    def kv_lora_rank(self) -> int: ...
+    @property
+    def qk_nope_head_dim(self) -> int: ...
+    @property
+    def qk_rope_head_dim(self) -> int: ...
+    @property
+    def v_head_dim(self) -> int: ...
+    @property
+    def rope_interleave(self) -> bool: ...
 
 
 def _mscale(scale: float, mscale: float) -> float:
@@ -32,17 +60,16 @@ class MLAttention(nn.Module):
     """HF's `self_attn` of DeepSeek-V3: `q_a_proj`, `q_a_layernorm`, `q_b_proj` (or `q_proj` without a query
     LoRA), `kv_a_proj_with_mqa`, `kv_a_layernorm`, `kv_b_proj`, `o_proj`."""
 
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: MLAConfig, layer_index: int) -> None:
         super().__init__()
-        raw = config.raw
         h, bias = config.hidden_size, config.attention_bias
         self.num_heads = config.num_attention_heads
-        self.q_lora_rank = raw.get("q_lora_rank")
-        self.kv_lora_rank = int(raw["kv_lora_rank"])
-        self.nope = int(raw["qk_nope_head_dim"])
-        self.rope_dim = int(raw["qk_rope_head_dim"])
-        self.v_head_dim = int(raw["v_head_dim"])
-        self.interleaved = bool(raw.get("rope_interleave", True))
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.interleaved = config.rope_interleave
         self.layer_type = config.layer_types[layer_index]
         self.sliding_window = None
         qk_head = self.nope + self.rope_dim
