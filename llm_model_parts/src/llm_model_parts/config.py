@@ -106,7 +106,7 @@ class ModelConfig:
     rope_parameters: dict[str, RopeParameters] = field(default_factory=dict)  # layer type -> its RoPE
     attention_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = positive(None)
+    sliding_window: int | None = None  # 0 or null: no window (checked where a layer slides)
     query_pre_attn_scalar: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -153,7 +153,8 @@ class ModelConfig:
         values["model_type"] = raw["model_type"]
         hints = get_type_hints(cls)
         for f in _fields_family_first(cls):
-            if f.name in values and f.name not in ("layer_types", "rope_parameters", "raw"):
+            # null = unset: derive may fill it (HF's `head_dim: null`); the second pass checks what is left
+            if values.get(f.name) is not None and f.name not in ("layer_types", "rope_parameters", "raw"):
                 values[f.name] = typed_value(f.name, values[f.name], hints[f.name])
                 check_field(f, values[f.name])
         values = _derive_common(cls, cls.derive(values))
@@ -238,8 +239,12 @@ def _derive_common(cls: type[ModelConfig], values: dict[str, Any]) -> dict[str, 
                 f"config field layer_types: unsupported attention type {t!r}; "
                 "supported: full_attention, sliding_attention"
             )
-    if "sliding_attention" in layer_types and not values.get("sliding_window"):
-        raise ValueError("config field sliding_window must be set when layer_types has sliding_attention")
+    window = values.get("sliding_window")
+    if "sliding_attention" in layer_types and (not window or window < 0):
+        raise ValueError(
+            f"config field sliding_window must be a positive integer when layer_types has sliding_attention, "
+            f"got {window!r}"
+        )
     if "sliding_attention" not in layer_types:
         values["sliding_window"] = None
     rope = {t: _with_original_length(p, values) for t, p in cls.hf_rope_parameters(values).items()}
