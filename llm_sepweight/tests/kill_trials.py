@@ -58,7 +58,7 @@ def _run_child(src: Path, out: Path, at: int, after: bool, events_file: Path | N
         try:
             _install_kill(at, after, log)
             convert(src, out, progress=False)
-        except BaseException:  # noqa: BLE001 (report through the exit code)
+        except BaseException:
             code = 3
         if events_file is not None:
             events_file.write_text(json.dumps(log))
@@ -160,7 +160,7 @@ def main() -> None:
                 results["wrong"].append(f"{what}: rerun refused: {e}")
             else:  # finished before the source changed: never overwritten, said clearly
                 results["reruns_refused_source_changed"] += 1
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             results["wrong"].append(f"{what}: rerun failed: {type(e).__name__}: {e}")
         stale = [p.name for p in work.glob(f".{out.name}.sepweight-new-*")]
         if stale or list(out.glob(".*")):

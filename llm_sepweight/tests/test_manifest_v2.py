@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -54,7 +55,9 @@ def test_version_2_covers_every_file(good: Path) -> None:
     assert verify(good) == []
 
 
-@pytest.mark.parametrize("name", ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"])
+@pytest.mark.parametrize(
+    "name", ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+)
 def test_every_byte_of_every_file(copy: Path, name: str) -> None:
     path = copy / name
     data = bytearray(path.read_bytes())
@@ -108,7 +111,9 @@ def _rewrite_weight_file(copy: Path, name: str, header: dict[str, Any], data: by
     entry = manifest["files"][name]
     entry["bytes"], entry["sha256"] = len(blob), hashlib.sha256(blob).hexdigest()
     entry["tensors"] = [
-        {"name": k, "dtype": v["dtype"], "shape": v["shape"]} for k, v in header.items() if k != "__metadata__"
+        {"name": k, "dtype": v["dtype"], "shape": v["shape"]}
+        for k, v in header.items()
+        if k != "__metadata__"
     ]
     _write_manifest(copy, manifest)
 
@@ -116,18 +121,25 @@ def _rewrite_weight_file(copy: Path, name: str, header: dict[str, Any], data: by
 @pytest.mark.parametrize(
     ("header", "data", "message"),
     [
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, "overlaps"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            },
+            8,
+            "overlaps",
+        ),
         ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 12, "unaccounted trailing"),
         ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, 8, "unaccounted"),
         ({"a": {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]}}, 8, "negative"),
     ],
     ids=["overlap", "trailing", "gap", "negative-dims"],
 )
-def test_verify_refuses_what_the_format_forbids(copy: Path, header: dict[str, Any], data: int, message: str) -> None:
-    try:
+def test_verify_refuses_what_the_format_forbids(
+    copy: Path, header: dict[str, Any], data: int, message: str
+) -> None:
+    with contextlib.suppress(ManifestError):  # a negative shape is already refused by the manifest's schema
         _rewrite_weight_file(copy, "mid.00002.safetensors", header, b"\0" * data)
-    except ManifestError:
-        pass
     with pytest.raises(VerifyError, match=rf"mid\.00002\.safetensors.*{message}|shape"):
         verify(copy)
 
@@ -148,18 +160,50 @@ MUTATIONS: list[tuple[str, Mutation, str]] = [
     ("version str", lambda m: m.update(version="2"), "version '2'"),
     ("version 3", lambda m: m.update(version=3), "version 3"),
     ("no other_files", lambda m: m.pop("other_files"), "other_files"),
-    ("bytes str", lambda m: m["files"]["begin.safetensors"].update(bytes="1"), r"files\['begin.safetensors'\].*'bytes'"),
+    (
+        "bytes str",
+        lambda m: m["files"]["begin.safetensors"].update(bytes="1"),
+        r"files\['begin.safetensors'\].*'bytes'",
+    ),
     ("bytes negative", lambda m: m["other_files"]["config.json"].update(bytes=-1), r"config.json.*'bytes'"),
-    ("sha256 short", lambda m: m["files"]["end.safetensors"].update(sha256="abc"), r"end.safetensors.*'sha256'"),
+    (
+        "sha256 short",
+        lambda m: m["files"]["end.safetensors"].update(sha256="abc"),
+        r"end.safetensors.*'sha256'",
+    ),
     ("tensors dict", lambda m: m["files"]["end.safetensors"].update(tensors={}), "'tensors' must be a list"),
     ("tensor no name", lambda m: m["files"]["end.safetensors"]["tensors"].append({}), r"tensors\[\d+\]"),
-    ("tensor bad dtype", lambda m: m["files"]["end.safetensors"]["tensors"][0].update(dtype="X"), "unknown dtype"),
-    ("tensor negative shape", lambda m: m["files"]["end.safetensors"]["tensors"][0].update(shape=[-1]), "non-negative"),
+    (
+        "tensor bad dtype",
+        lambda m: m["files"]["end.safetensors"]["tensors"][0].update(dtype="X"),
+        "unknown dtype",
+    ),
+    (
+        "tensor negative shape",
+        lambda m: m["files"]["end.safetensors"]["tensors"][0].update(shape=[-1]),
+        "non-negative",
+    ),
     ("entry a list", lambda m: m["files"].update({"begin.safetensors": []}), "must be an object"),
-    ("odd weight name", lambda m: m["files"].update({"weights.bin": {}}), "unexpected file name 'weights.bin'"),
-    ("duplicate layer", lambda m: m["files"].update({"mid.000001.safetensors": m["files"]["mid.00001.safetensors"]}), "num_layers|same layer"),
-    ("manifest in other_files", lambda m: m["other_files"].update({"manifest.json": m["other_files"]["config.json"]}), "cannot be listed"),
-    ("hidden other file", lambda m: m["other_files"].update({".sepweight-partial.json": m["other_files"]["config.json"]}), "cannot be listed"),
+    (
+        "odd weight name",
+        lambda m: m["files"].update({"weights.bin": {}}),
+        "unexpected file name 'weights.bin'",
+    ),
+    (
+        "duplicate layer",
+        lambda m: m["files"].update({"mid.000001.safetensors": m["files"]["mid.00001.safetensors"]}),
+        "num_layers|same layer",
+    ),
+    (
+        "manifest in other_files",
+        lambda m: m["other_files"].update({"manifest.json": m["other_files"]["config.json"]}),
+        "cannot be listed",
+    ),
+    (
+        "hidden other file",
+        lambda m: m["other_files"].update({".sepweight-partial.json": m["other_files"]["config.json"]}),
+        "cannot be listed",
+    ),
 ]
 
 

@@ -39,7 +39,11 @@ GOOD = {"a": _t("F32", [2], 0, 8), "b": _t("I8", [3], 8, 11), "__metadata__": {"
 
 # (case name, file bytes, what the error says): every one a file the format forbids
 BAD: list[tuple[str, bytes, str]] = [
-    ("overlap (aliased)", _file({"a": _t("F32", [2], 0, 8), "b": _t("F32", [1], 4, 8)}, b"\0" * 8), "overlaps"),
+    (
+        "overlap (aliased)",
+        _file({"a": _t("F32", [2], 0, 8), "b": _t("F32", [1], 4, 8)}, b"\0" * 8),
+        "overlaps",
+    ),
     ("same span twice", _file({"a": _t("F32", [2], 0, 8), "b": _t("F32", [2], 0, 8)}, b"\0" * 8), "overlaps"),
     ("gap", _file({"a": _t("F32", [1], 0, 4), "b": _t("F32", [1], 8, 12)}, b"\0" * 12), "unaccounted"),
     ("gap at start", _file({"a": _t("F32", [1], 4, 8)}, b"\0" * 8), "unaccounted"),
@@ -53,7 +57,11 @@ BAD: list[tuple[str, bytes, str]] = [
     ("shape not a list", _file({"a": _t("F32", "2", 0, 8)}, b"\0" * 8), "shape must be"),
     ("bool dim", _file({"a": _t("F32", [True], 0, 4)}, b"\0" * 4), "shape must be"),
     ("float dim", _file({"a": _t("F32", [1.0], 0, 4)}, b"\0" * 4), "shape must be"),
-    ("three offsets", _file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 4]}}, b"\0" * 4), "data_offsets"),
+    (
+        "three offsets",
+        _file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 4]}}, b"\0" * 4),
+        "data_offsets",
+    ),
     ("string offsets", _file({"a": _t("F32", [1], "0", "4")}, b"\0" * 4), "data_offsets"),
     ("unknown dtype", _file({"a": _t("F17", [1], 0, 4)}, b"\0" * 4), "dtype must be"),
     ("dtype missing", _file({"a": {"shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "dtype must be"),
@@ -77,7 +85,9 @@ BAD: list[tuple[str, bytes, str]] = [
 
 
 @pytest.mark.parametrize(("case", "data", "message"), BAD, ids=[c for c, _, _ in BAD])
-def test_forbidden_files_are_refused_naming_the_file(case: str, data: bytes, message: str, tmp_path: Path) -> None:
+def test_forbidden_files_are_refused_naming_the_file(
+    case: str, data: bytes, message: str, tmp_path: Path
+) -> None:
     path = tmp_path / "x.safetensors"
     path.write_bytes(data)
     with pytest.raises(SafetensorsError, match=message) as err:

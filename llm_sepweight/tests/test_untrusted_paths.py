@@ -16,7 +16,16 @@ from llm_sepweight import Checkpoint, VerifyError, convert, verify
 from llm_sepweight.format import ManifestError
 from llm_sepweight.safe_paths import UnsafePathError, inside, plain_file_name
 
-BAD_NAMES = ["../outside.safetensors", "/etc/passwd", "sub/model.safetensors", "..", ".", "", "a\\b", "a\x00b"]
+BAD_NAMES = [
+    "../outside.safetensors",
+    "/etc/passwd",
+    "sub/model.safetensors",
+    "..",
+    ".",
+    "",
+    "a\\b",
+    "a\x00b",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +61,7 @@ def test_plain_file_name(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/x.json"])
 @pytest.mark.parametrize("key", ["files", "other_files"])
-def test_manifest_entry_outside_the_directory(
-    copy: Path, name: str, key: str, opened: list[str]
-) -> None:
+def test_manifest_entry_outside_the_directory(copy: Path, name: str, key: str, opened: list[str]) -> None:
     manifest = json.loads((copy / "manifest.json").read_text())
     entry = {"bytes": 6, "sha256": "0" * 64}
     if key == "files":

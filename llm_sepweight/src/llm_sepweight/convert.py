@@ -249,20 +249,20 @@ def _prepare_out(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a directory")
     has_journal = (out / journal.JOURNAL).is_file()
+    record = journal.read_journal(out) if has_journal else {}
+    if record and not journal.same_job(record, job):
+        raise FileExistsError(
+            f"{out}: holds an unfinished conversion of {record.get('source')} (dtype {record.get('dtype')}); "
+            "resume it with the same arguments or choose another directory"
+        )
     if fmt.is_sepweight_dir(out):
-        if has_journal and _finish_killed_after_manifest(out, job):
-            return None
         if not has_journal:
             _finished(out, job)
             return None
+        if _finish_killed_after_manifest(out, job):
+            return None
         (out / fmt.MANIFEST).unlink()  # killed after a manifest that does not check out: redo the job
     if has_journal:
-        record = journal.read_journal(out)
-        if record and not journal.same_job(record, job):
-            raise FileExistsError(
-                f"{out}: holds an unfinished conversion of {record.get('source')} (dtype {record.get('dtype')}); "
-                "resume it with the same arguments or choose another directory"
-            )
         if job["fingerprint"] is None or record.get("fingerprint") != job["fingerprint"]:
             if record.get("done"):
                 logger.warning("%s: the source changed since the interrupted conversion; restarting", out)

@@ -5,7 +5,7 @@ file names, `num_layers` consistent with the files it lists, the weight files' o
 `verify`), and `verify` reports its SHA-256 so it can be compared with a published one
 (`verify(path, manifest_sha256=...)`).
 
-Version 2 (written since llm_sepweight 1.1) adds `other_files` (config.json, tokenizer files, ... every file
+Version 2 adds `other_files` (config.json, tokenizer files, ... every file
 of the directory that is not a weight file, each with `bytes` and `sha256`) and `source.fingerprint`.
 Version 1 is still read.
 """

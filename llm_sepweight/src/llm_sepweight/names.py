@@ -3,6 +3,8 @@
 The one naming rule: a part's state dict uses HF's submodule names with the section prefix stripped,
 `model.layers.3.self_attn.q_proj.weight` -> layer 3, `self_attn.q_proj.weight`;
 `model.embed_tokens.weight` -> begin, `embed_tokens.weight`; `lm_head.weight` -> end, `lm_head.weight`.
+
+A public API (documented in the README, used by llm_model_parts): the names in `__all__` keep their meaning.
 """
 
 from __future__ import annotations
@@ -14,6 +16,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Location",
+    "NameRule",
+    "Section",
+    "generic_rule",
+    "locate",
+    "num_layers_of",
+    "rule_for",
+    "split_names",
+    "text_config",
+    "tie_word_embeddings",
+]
 
 Section = Literal["begin", "mid", "end"]
 

@@ -72,11 +72,12 @@ def verify_contents(
     for name in fmt.file_names(spec):
         if name not in weights:
             raise VerifyError(f"{path / fmt.MANIFEST}: does not list {name}")
-    extra = _unknown_files(path, {**weights, **others}, manifest["version"], unknown, ignore)
+    files = {name: _file(path, name) for name in {**weights, **others}}  # all names checked before any open
+    extra = _unknown_files(path, files, manifest["version"], unknown, ignore)
     for name, entry in weights.items():
-        _check_weight_file(_file(path, name), entry)
+        _check_weight_file(files[name], entry)
     for name, entry in others.items():
-        _check_size(_file(path, name), entry)
+        _check_size(files[name], entry)
     _check_config(path, manifest, others)
     if hashes:
         for name, entry in {**weights, **others}.items():
