@@ -58,7 +58,9 @@ class KVCache:
         `dtype` may be given per layer (a chain across devices). `rows`: rows in use from the start (default
         all `batch_size`; 0 for a server that adds them as requests come)."""
         if not _is_positive_int(batch_size) or not _is_positive_int(max_seq_len):
-            raise ValueError(f"KVCache: batch_size and max_seq_len must be >= 1, got {batch_size}, {max_seq_len}")
+            raise ValueError(
+                f"KVCache: batch_size and max_seq_len must be >= 1, got {batch_size}, {max_seq_len}"
+            )
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
@@ -86,7 +88,9 @@ class KVCache:
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[index], self.values[index]
 
-    def begin(self, new_tokens: int, attention_mask: torch.Tensor | None = None, rows: slice | None = None) -> Slots:
+    def begin(
+        self, new_tokens: int, attention_mask: torch.Tensor | None = None, rows: slice | None = None
+    ) -> Slots:
         """Place `new_tokens` tokens after each row's cached ones (rows `rows`, default all in use) and
         mark which are real: `attention_mask` (R, length + T) as HF's, 1 = token, 0 = padding, for rows of
         equal length. Nothing moves until `commit`."""
@@ -120,7 +124,14 @@ class KVCache:
         starts_t = torch.tensor(starts, device=valid.device)
         positions = self._positions(valid, starts, starts_t, new_tokens, uniform)
         return Slots(
-            rows, starts, starts[0] if uniform else None, starts_t, end, new_tokens, valid[:, :end], positions,
+            rows,
+            starts,
+            starts[0] if uniform else None,
+            starts_t,
+            end,
+            new_tokens,
+            valid[:, :end],
+            positions,
             self.has_padding,
         )
 
@@ -147,7 +158,9 @@ class KVCache:
         rows = range(self.rows) if row is None else [row]
         for r in rows:
             if not 0 <= r < self.rows or not 0 <= n <= self.lengths[r]:
-                raise ValueError(f"rewind({n}): row {r} holds {self.lengths[r] if 0 <= r < self.rows else 0} tokens")
+                raise ValueError(
+                    f"rewind({n}): row {r} holds {self.lengths[r] if 0 <= r < self.rows else 0} tokens"
+                )
         for r in rows:
             self.lengths[r] -= n
 
@@ -186,8 +199,14 @@ class KVCache:
     def reorder(self, rows: torch.Tensor | Sequence[int]) -> None:
         """Row i becomes a copy of old row rows[i] (beam search follows its beams); len(rows) rows in use."""
         index = torch.as_tensor(rows, dtype=torch.long)
-        if index.dim() != 1 or index.numel() > self.batch_size or (index.numel() and (index.min() < 0 or index.max() >= self.rows)):
-            raise ValueError(f"reorder: rows must be indices of rows in use (0..{self.rows - 1}), got {index.tolist()}")
+        if (
+            index.dim() != 1
+            or index.numel() > self.batch_size
+            or (index.numel() and (index.min() < 0 or index.max() >= self.rows))
+        ):
+            raise ValueError(
+                f"reorder: rows must be indices of rows in use (0..{self.rows - 1}), got {index.tolist()}"
+            )
         n = index.numel()
         for t in (*self.keys.values(), *self.values.values()):
             t[:n] = t.index_select(0, index.to(t.device))
@@ -207,7 +226,11 @@ class KVCache:
             rows=self.rows,
         )
         n = min(self.max_seq_len, max_seq_len)
-        for old, fresh in zip((*self.keys.values(), *self.values.values()), (*new.keys.values(), *new.values.values()), strict=True):
+        for old, fresh in zip(
+            (*self.keys.values(), *self.values.values()),
+            (*new.keys.values(), *new.values.values()),
+            strict=True,
+        ):
             fresh[:, :, :n] = old[:, :, :n]
         new.valid[:, :n] = self.valid[:, :n]
         new.lengths, new.has_padding = list(self.lengths), self.has_padding

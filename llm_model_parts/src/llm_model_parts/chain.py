@@ -43,7 +43,11 @@ class Chain(nn.Module):
         return x
 
     def forward_packed(
-        self, x: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        tree_mask: torch.Tensor,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         cache = cache if cache is not None else self.cache
         for part in self._parts():
@@ -52,8 +56,11 @@ class Chain(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Deprecated: keep a cache on the chain, used by calls that pass none. Use `new_cache`."""
-        warnings.warn("Chain.setup_cache is deprecated; use cache = chain.new_cache(...) and chain(x, cache)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "Chain.setup_cache is deprecated; use cache = chain.new_cache(...) and chain(x, cache)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         self.cache = self.new_cache(batch_size, max_seq_len)
 
     def reset_cache(self) -> None:

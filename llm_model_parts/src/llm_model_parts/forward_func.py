@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 _MIN_CAPACITY = 256
 
 
-def new_cache(parts: Sequence[Part], batch_size: int, max_seq_len: int, *, rows: int | None = None) -> KVCache:
+def new_cache(
+    parts: Sequence[Part], batch_size: int, max_seq_len: int, *, rows: int | None = None
+) -> KVCache:
     """One cache for the layers of `parts` (a chain), each layer's buffers on its part's device."""
     shapes = {i: s for p in parts for i, s in p.cache_shapes.items()}
     devices = {i: p.device for p in parts for i in p.cache_shapes}
@@ -116,7 +118,9 @@ class IncrementalForward:
     ) -> torch.Tensor:
         """Score several continuations of the cached prefix (row 0) at once; the cache is left as it was."""
         with torch.no_grad():
-            cache = self._ensure_room(self.cache.rows if self._fixed and self.cache else 1, input_ids.shape[1])
+            cache = self._ensure_room(
+                self.cache.rows if self._fixed and self.cache else 1, input_ids.shape[1]
+            )
         with torch.inference_mode():
             x = input_ids
             for part in self.parts:

@@ -63,7 +63,9 @@ def missing(part: Part, name: str, shape: torch.Size) -> KeyError:
     )
 
 
-def load_weights(part: Part, weights: Mapping[str, torch.Tensor], device: Any, dtype: torch.dtype | None) -> None:
+def load_weights(
+    part: Part, weights: Mapping[str, torch.Tensor], device: Any, dtype: torch.dtype | None
+) -> None:
     expected = expected_tensors(part)
     for name, shape in expected.items():
         if name not in weights:

@@ -143,8 +143,11 @@ class Part(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Deprecated: keep a cache on the part, used by calls that pass none. Use `new_cache`."""
-        warnings.warn("Part.setup_cache is deprecated; use cache = part.new_cache(...) and part(x, cache)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "Part.setup_cache is deprecated; use cache = part.new_cache(...) and part(x, cache)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         self.cache = self.new_cache(batch_size, max_seq_len)
 
     def reset_cache(self) -> None:
@@ -261,12 +264,16 @@ class Part(nn.Module):
         position_ids = position_ids.to(h.device)
         if self.begin_section is not None:
             h = self.begin_section.finish(h, position_ids)
-        views = packed_views(self._windows, start, position_ids[0] - first, cache_valid, tree_mask.to(h.device))
+        views = packed_views(
+            self._windows, start, position_ids[0] - first, cache_valid, tree_mask.to(h.device)
+        )
         valid = None
         if cache_valid is not None and not bool(cache_valid.all()):
             valid = torch.cat((cache_valid, torch.ones(n, dtype=torch.bool, device=h.device)))[None]
         rows = slice(0, 1) if cache is not None else None
-        step = Step(start, start + n, rows, self._rope(position_ids, h.dtype), views, valid=valid, packed=True)
+        step = Step(
+            start, start + n, rows, self._rope(position_ids, h.dtype), views, valid=valid, packed=True
+        )
         return self._output(self._layers(h, step, cache))
 
     def _layers(self, h: torch.Tensor, step: Step, cache: KVCache | None) -> torch.Tensor:
@@ -274,7 +281,9 @@ class Part(nn.Module):
             h = layer(h, step, cache.layer(i) if cache is not None else None)
         return h
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {name: rotary(positions, dtype) for name, rotary in self.rotary.items()}
 
     def _output(self, h: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,9 @@ def causal_views(
             if starts is None:
                 q = torch.arange(first, end, device=device)[None, :, None]  # (1, T, 1)
             else:  # (R, T, 1): each row's T tokens after its own cached ones
-                q = (starts.to(device)[:, None] + torch.arange(end - int(starts.max()), device=device))[..., None]
+                q = (starts.to(device)[:, None] + torch.arange(end - int(starts.max()), device=device))[
+                    ..., None
+                ]
             k = torch.arange(key_start, end, device=device)[None, None, :]
             allowed = k <= q
             if window is not None:
