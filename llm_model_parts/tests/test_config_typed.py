@@ -60,6 +60,18 @@ MINIMAL: dict[str, dict[str, Any]] = {
 }
 
 
+# Fields a family's transformers class does not have are ignored by its model; so by ours.
+STRAY: dict[str, dict[str, Any]] = {
+    "qwen2-stray": {
+        **MINIMAL["qwen2"],
+        "attention_bias": True,
+        "mlp_bias": True,
+        "final_logit_softcapping": 3.0,
+    },
+    "llama-stray": {**MINIMAL["llama"], "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 4},
+}
+
+
 def checkpoint(config: dict[str, Any], path: Path) -> Path:
     """A random tiny model saved by transformers, with `config` (the minimal dict) as its config.json."""
     fields = {k: v for k, v in config.items() if k != "model_type"}
@@ -74,9 +86,9 @@ def test_every_family_has_a_minimal_config() -> None:
     assert set(MINIMAL) == set(supported_architectures())
 
 
-@pytest.mark.parametrize("name", sorted(MINIMAL))
+@pytest.mark.parametrize("name", sorted(MINIMAL) + sorted(STRAY))
 def test_family_defaults_build_what_transformers_builds(name: str, tmp_path: Path) -> None:
-    path = checkpoint(MINIMAL[name], tmp_path)
+    path = checkpoint({**MINIMAL, **STRAY}[name], tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     part = load_part(path, "f")
     ids = torch.randint(3, 256, (2, 11), generator=torch.Generator().manual_seed(1))

@@ -75,6 +75,20 @@ HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 
 _CONFIG_TYPES: dict[str, type[ModelConfig]] = {}
 
+# The optional fields declared on ModelConfig, as a family without them in transformers has them
+_OPTIONAL_FIELDS: dict[str, Any] = {
+    "attention_bias": False,
+    "mlp_bias": False,
+    "query_pre_attn_scalar": None,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+}
+
+
+def absent_except(*present: str) -> dict[str, Any]:
+    """`hf_absent` for a family whose transformers class has the optional fields `present`."""
+    return {k: v for k, v in _OPTIONAL_FIELDS.items() if k not in present}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -83,12 +97,16 @@ class ModelConfig:
     Each family subclasses it (`LlamaConfig`, `GPT2Config` ...; `class XConfig(ModelConfig, model_type="x")`
     registers it) with its own typed fields, and with the defaults of its transformers config class:
     `hf_defaults` for the fields declared here, dataclass defaults for its own, `hf_aliases` for other names
-    of a field (GPT-2's `n_embd`), `derive` for what the class's `__post_init__` computes. `raw` keeps the
+    of a field (GPT-2's `n_embd`), `hf_absent` for the fields declared here that the class lacks, `derive`
+    for what the class's `__post_init__` computes. `raw` keeps the
     `config.json` dict verbatim for callers; nothing in this package reads it.
     """
 
     hf_defaults: ClassVar[Mapping[str, Any]] = {}
     hf_aliases: ClassVar[Mapping[str, str]] = {}
+    # Fields declared here that the family's transformers class does not have: its model ignores them in a
+    # config.json, so do we (a stray `final_logit_softcapping` must not cap a Llama's logits).
+    hf_absent: ClassVar[Mapping[str, Any]] = _OPTIONAL_FIELDS
 
     model_type: str
     vocab_size: int = positive()
@@ -150,6 +168,7 @@ class ModelConfig:
         for alias, name in cls.hf_aliases.items():
             if alias in raw and name not in raw:
                 values[name] = raw[alias]
+        values.update(cls.hf_absent)
         values["model_type"] = raw["model_type"]
         hints = get_type_hints(cls)
         for f in _fields_family_first(cls):

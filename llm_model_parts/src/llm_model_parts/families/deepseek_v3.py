@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from llm_model_parts.config import ModelConfig
+from llm_model_parts.config import ModelConfig, absent_except
 from llm_model_parts.config_checks import positive
 from llm_model_parts.family import Family
 from llm_model_parts.layers.block import DecoderLayer
@@ -38,6 +38,7 @@ class DeepseekV3Config(ModelConfig, model_type="deepseek_v3"):
         "tie_word_embeddings": False,
     }
     hf_aliases: ClassVar[dict[str, str]] = {"num_local_experts": "n_routed_experts"}
+    hf_absent: ClassVar[dict[str, Any]] = absent_except("attention_bias")
 
     moe_intermediate_size: int = positive(2048)
     n_shared_experts: int = 1

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from llm_model_parts.config import HIDDEN_ACTS, ModelConfig, RopeParameters, explicit_or
+from llm_model_parts.config import HIDDEN_ACTS, ModelConfig, RopeParameters, absent_except, explicit_or
 from llm_model_parts.config_checks import choice
 from llm_model_parts.family import Family
 from llm_model_parts.layers.attention import KV, Attention
@@ -95,6 +95,10 @@ class Gemma3TextConfig(ModelConfig, model_type="gemma3_text"):
         "query_pre_attn_scalar": 256,
         "sliding_window": 4096,
     }
+
+    hf_absent: ClassVar[dict[str, Any]] = absent_except(
+        "attention_bias", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"
+    )
 
     hidden_activation: str = choice(HIDDEN_ACTS, "gelu_pytorch_tanh")
     use_bidirectional_attention: bool = False

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from llm_model_parts.config import ModelConfig
+from llm_model_parts.config import ModelConfig, absent_except
 from llm_model_parts.family import Family
 from llm_model_parts.layers.attention import Attention
 from llm_model_parts.layers.block import DecoderLayer
@@ -33,6 +33,7 @@ LLAMA_DEFAULTS: dict[str, Any] = {
 @dataclass(frozen=True)
 class LlamaConfig(ModelConfig, model_type="llama"):
     hf_defaults: ClassVar[dict[str, Any]] = LLAMA_DEFAULTS
+    hf_absent: ClassVar[dict[str, Any]] = absent_except("attention_bias", "mlp_bias")
 
 
 def build_layer(

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from llm_model_parts.config import ModelConfig
+from llm_model_parts.config import ModelConfig, absent_except
 from llm_model_parts.config_checks import positive
 from llm_model_parts.families.llama import LLAMA_DEFAULTS
 from llm_model_parts.family import Family
@@ -42,6 +42,8 @@ class Llama4TextConfig(ModelConfig, model_type="llama4_text"):
         "rms_norm_eps": 1e-5,
         "rope_theta": 500000.0,  # Llama4TextConfig.default_theta
     }
+
+    hf_absent: ClassVar[dict[str, Any]] = absent_except("attention_bias")
 
     intermediate_size_mlp: int = positive(16384)
     num_experts_per_tok: int = positive(1)

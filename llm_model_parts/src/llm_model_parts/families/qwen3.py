@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from llm_model_parts.config import ModelConfig
+from llm_model_parts.config import ModelConfig, absent_except
 from llm_model_parts.config_checks import positive
 from llm_model_parts.families.llama import build_layer as llama_layer
 from llm_model_parts.families.qwen2 import QWEN_DEFAULTS, window_from
@@ -18,6 +18,7 @@ from llm_model_parts.family import Family
 @dataclass(frozen=True)
 class Qwen3Config(ModelConfig, model_type="qwen3"):
     hf_defaults: ClassVar[dict[str, Any]] = {**QWEN_DEFAULTS, "head_dim": 128}
+    hf_absent: ClassVar[dict[str, Any]] = absent_except("attention_bias")
 
     use_sliding_window: bool = False
     max_window_layers: int = positive(28)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from llm_model_parts.config import absent_except
 from llm_model_parts.config_checks import positive
 from llm_model_parts.families.qwen2 import QWEN_DEFAULTS
 from llm_model_parts.families.qwen2_moe import QwenMoeConfig, moe_mlp
@@ -31,6 +32,7 @@ class Qwen3MoeConfig(QwenMoeConfig, model_type="qwen3_moe"):
         "num_key_value_heads": 4,
     }
     hf_aliases: ClassVar[dict[str, str]] = {"num_local_experts": "num_experts"}
+    hf_absent: ClassVar[dict[str, Any]] = absent_except("attention_bias")
 
     moe_intermediate_size: int = positive(768)
     num_experts_per_tok: int = positive(8)
