@@ -98,8 +98,8 @@ class ModelConfig:
     registers it) with its own typed fields, and with the defaults of its transformers config class:
     `hf_defaults` for the fields declared here, dataclass defaults for its own, `hf_aliases` for other names
     of a field (GPT-2's `n_embd`), `hf_absent` for the fields declared here that the class lacks, `derive`
-    for what the class's `__post_init__` computes. `raw` keeps the
-    `config.json` dict verbatim for callers; nothing in this package reads it.
+    for what the class's `__post_init__` computes. `raw` keeps the `config.json` dict as given (a VLM's
+    `text_config`) for callers; nothing in this package reads it.
     """
 
     hf_defaults: ClassVar[Mapping[str, Any]] = {}
