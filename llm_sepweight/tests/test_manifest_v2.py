@@ -254,3 +254,52 @@ def test_cli_verify_lists_unknown(copy: Path, capsys: pytest.CaptureFixture[str]
     assert "notes.txt" in out and "OK" in out
     assert main(["verify", str(copy), "--list-unknown", "--manifest-sha256", manifest_digest(copy)]) == 0
     assert main(["verify", str(copy), "--list-unknown", "--manifest-sha256", "0" * 64]) == 1
+
+
+def _paths(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [path]
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else []
+    for k, v in items:
+        out += _paths(v, (*path, k))
+    return out
+
+
+def test_mutated_manifests_raise_only_manifest_error(good: Path) -> None:
+    import copy as copying
+    import random
+
+    base = _manifest(good)
+    values: list[Any] = [
+        None,
+        True,
+        -1,
+        0,
+        2**70,
+        "x",
+        "",
+        [],
+        {},
+        [1],
+        {"a": 1},
+        1.5,
+        "../x",
+        "mid.00009.safetensors",
+    ]
+    paths = [p for p in _paths(base) if p]
+    rng = random.Random(7)
+    for _ in range(2000):
+        manifest = copying.deepcopy(base)
+        for _ in range(rng.randint(1, 3)):
+            path = rng.choice(paths)
+            obj: Any = manifest
+            try:
+                for k in path[:-1]:
+                    obj = obj[k]
+                if isinstance(obj, dict) and rng.random() < 0.2:
+                    obj.pop(path[-1], None)
+                else:
+                    obj[path[-1]] = rng.choice(values)
+            except (KeyError, IndexError, TypeError):
+                pass
+        with contextlib.suppress(ManifestError):
+            validate_manifest(manifest, "m")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import subprocess
@@ -213,3 +214,24 @@ def test_checkpoint_load_after_truncation_is_an_error(tmp_path: Path) -> None:
         [sys.executable, "-c", _LOAD_AFTER_TRUNCATION, str(out)], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and "OK" in r.stdout, (r.returncode, r.stdout, r.stderr)
+
+
+def test_mutated_headers_raise_only_safetensors_error() -> None:
+    import random
+
+    from safetensors.torch import save
+
+    data = save({"a": torch.randn(3, 4), "b": torch.zeros(0), "c": torch.arange(5)}, metadata={"k": "v"})
+    rng = random.Random(3)
+    for _ in range(3000):
+        d = bytearray(data)
+        for _ in range(rng.randint(1, 6)):
+            p, op = rng.randrange(len(d)), rng.random()
+            if op < 0.5:
+                d[p] = rng.randrange(256)
+            elif op < 0.7:
+                del d[p : p + rng.randint(1, 20)]
+            else:
+                d[p:p] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 10)))
+        with contextlib.suppress(SafetensorsError):
+            parse_header(bytes(d), len(d))

@@ -130,7 +130,7 @@ def _weight_entry(name: Any, entry: Any, where: str) -> None:
     for i, t in enumerate(tensors):
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise ManifestError(f"{at}: tensors[{i}] must be an object with a string 'name'")
-        if t.get("dtype") not in DTYPES:
+        if not isinstance(t.get("dtype"), str) or t["dtype"] not in DTYPES:
             raise ManifestError(f"{at}: tensor {t['name']!r}: unknown dtype {t.get('dtype')!r}")
         shape = t.get("shape")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
