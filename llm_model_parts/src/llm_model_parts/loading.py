@@ -50,8 +50,13 @@ def assign(part: Part, weights: Mapping[str, torch.Tensor], device: Any, dtype: 
     tie(part)
 
 
-def check_complete(part: Part) -> None:
-    for name, t in part.state_dict(keep_vars=True).items():
+def check_complete(part: Part, provided: set[str]) -> None:
+    """Every tensor of the part was given (`provided`: the HF names loaded) or is tied."""
+    state = part.state_dict(keep_vars=True)
+    for name, t in state.items():
+        if name not in provided and name != "lm_head.weight":
+            raise missing(part, name, t.shape)
+    for name, t in state.items():
         if t.device.type == "meta":
             raise missing(part, name, t.shape)
 

@@ -337,11 +337,13 @@ def load_part(
         sections.append((f"layers.{j}.", lambda i=i: checkpoint.layer_state_dict(i, device)))
     if resolved.end:
         sections.append(("", lambda: checkpoint.load("e", device=device).end))
+    provided: set[str] = set()
     for prefix, read in sections:
         loaded = {prefix + name: t for name, t in section_tensors(read()).items()}
         assign(part, loaded, device, dtype)
         own_memory(part, loaded.values())
         checkpoint.close()
-    check_complete(part)
+        provided.update(loaded)
+    check_complete(part, provided)
     logger.info("loaded part %r of %s", str(resolved), config.model_type)
     return part.eval()
