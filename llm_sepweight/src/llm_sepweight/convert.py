@@ -196,11 +196,9 @@ def _out_dtype(t: SourceTensor, dtype: torch.dtype | None) -> torch.dtype:
 
 def write(source: Source, out: Path, *, dtype: torch.dtype | None = None, progress: bool = True) -> Path:
     files, meta = plan(source, dtype)
-    job = {
-        "source": meta["source"],
-        "dtype": meta["dtype"],
-        "fingerprint": _fingerprint(source, files, dtype),
-    }
+    fingerprint, identities = _fingerprint(source, files, dtype)
+    job = {"source": meta["source"], "dtype": meta["dtype"], "fingerprint": fingerprint}
+    job["source_files"] = identities  # each file's size, mtime and edge hash, for the log line of a restart
     done = _prepare_out(out, job)
     if done is None:
         return out
@@ -235,9 +233,9 @@ def write(source: Source, out: Path, *, dtype: torch.dtype | None = None, progre
 
 def _fingerprint(
     source: Source, files: dict[str, list[tuple[str, SourceTensor]]], dtype: torch.dtype | None
-) -> str | None:
+) -> tuple[str | None, list[dict[str, Any]]]:
     if not source.files:
-        return None  # an in-memory source: nothing to recognise it by, so never resumed
+        return None, []  # an in-memory source: nothing to recognise it by, so never resumed
     planned = {
         f: [(n, t.name, str(t.dtype), list(t.shape)) for n, t in ts] for f, ts in sorted(files.items())
     }
@@ -265,7 +263,10 @@ def _prepare_out(out: Path, job: dict[str, Any]) -> dict[str, Any] | None:
     if has_journal:
         if job["fingerprint"] is None or record.get("fingerprint") != job["fingerprint"]:
             if record.get("done"):
-                logger.warning("%s: the source changed since the interrupted conversion; restarting", out)
+                why = journal.what_changed(record.get("source_files"), job["source_files"])
+                logger.warning(
+                    "%s: the source changed since the interrupted conversion (%s); restarting", out, why
+                )
             journal.clear(out)
             journal.write_journal(out, job, {})
             return {}

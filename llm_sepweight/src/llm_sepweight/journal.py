@@ -48,11 +48,25 @@ def file_identity(path: Path) -> dict[str, Any]:
     }
 
 
-def fingerprint(files: list[Path], plan: Any) -> str:
-    """One digest of the source files' identities and the planned tensors (JSON-able `plan`)."""
+def fingerprint(files: list[Path], plan: Any) -> tuple[str, list[dict[str, Any]]]:
+    """One digest of the source files' identities and the planned tensors (JSON-able `plan`), and the identities."""
     ids = [file_identity(p) for p in sorted(files)]
     blob = json.dumps({"files": ids, "plan": plan}, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return hashlib.sha256(blob).hexdigest(), ids
+
+
+def what_changed(before: Any, now: list[dict[str, Any]]) -> str:
+    """Which source file differs between two identity lists (for the log line of a restart)."""
+    old = {i.get("path"): i for i in before if isinstance(i, dict)} if isinstance(before, list) else {}
+    for ident in now:
+        prior = old.get(ident["path"])
+        if prior is None:
+            return f"{ident['path']} is new"
+        for key in ("bytes", "mtime_ns", "edges_sha256"):
+            if prior.get(key) != ident[key]:
+                return f"{ident['path']}: {key} {prior.get(key)} -> {ident[key]}"
+    gone = sorted(str(p) for p in set(old) - {i["path"] for i in now})
+    return f"{gone[0]} is gone" if gone else "the planned tensors differ"
 
 
 def read_journal(out: Path) -> dict[str, Any]:
