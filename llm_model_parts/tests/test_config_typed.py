@@ -144,6 +144,13 @@ def test_opt_options_are_typed() -> None:
     assert ModelConfig.from_hf(MINIMAL["opt"]).word_embed_proj_dim == 64  # type: ignore[attr-defined]
 
 
+def test_zero_is_a_count_where_hf_allows_it() -> None:
+    qwen2 = {**MINIMAL["qwen2"], "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}
+    assert ModelConfig.from_hf(qwen2).layer_types == ("sliding_attention",) * 4
+    dense = ModelConfig.from_hf({**MINIMAL["deepseek_v3"], "first_k_dense_replace": 0, "n_shared_experts": 0})
+    assert (dense.first_k_dense_replace, dense.n_shared_experts) == (0, 0)  # type: ignore[attr-defined]
+
+
 def test_raw_is_kept_verbatim() -> None:
     assert ModelConfig.from_hf(MINIMAL["gpt2"]).raw == MINIMAL["gpt2"]
 
@@ -216,6 +223,8 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ("gptj", {"rotary_dim": -8}, "rotary_dim must be positive"),
     ("mistral", {"sliding_window": -4}, "sliding_window must be a positive integer"),
     ("qwen2", {"use_sliding_window": 1}, "use_sliding_window must be true or false"),
+    ("qwen2", {"max_window_layers": -1}, "max_window_layers must not be negative"),
+    ("deepseek_v3", {"first_k_dense_replace": -1}, "first_k_dense_replace must not be negative"),
 ]
 
 

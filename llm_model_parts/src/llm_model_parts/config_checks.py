@@ -2,7 +2,7 @@
 
 `config field X must be ...` for a value of the wrong type (a string or a bool where a number belongs), a
 size or count that is not positive, an epsilon that is not positive, a name outside its choices. Field
-metadata says which checks apply: `positive(...)`, `epsilon(...)`, `choice(...)`.
+metadata says which checks apply: `positive(...)`, `non_negative(...)`, `epsilon(...)`, `choice(...)`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import MISSING, Field, field
 from typing import Any, Union, get_args, get_origin
 
 POSITIVE = "positive"
+NON_NEGATIVE = "non_negative"
 EPSILON = "epsilon"
 CHOICES = "choices"
 
@@ -19,6 +20,11 @@ CHOICES = "choices"
 def positive(default: Any = MISSING) -> Any:
     """A size or count: an int > 0 (None only where the type allows it)."""
     return field(default=default, metadata={POSITIVE: True})
+
+
+def non_negative(default: Any = MISSING) -> Any:
+    """A count that may be zero (dense layers before the first MoE one, shared experts ...)."""
+    return field(default=default, metadata={NON_NEGATIVE: True})
 
 
 def epsilon(default: Any = MISSING) -> Any:
@@ -80,6 +86,8 @@ def check_field(f: Field[Any], value: Any) -> None:
         values = value if isinstance(value, tuple) else (value,)
         if any(v <= 0 for v in values):
             raise ValueError(f"config field {f.name} must be positive, got {value!r}")
+    if f.metadata.get(NON_NEGATIVE) and value < 0:
+        raise ValueError(f"config field {f.name} must not be negative, got {value!r}")
     if f.metadata.get(EPSILON) and not value > 0:
         raise ValueError(f"config field {f.name} must be a positive epsilon, got {value!r}")
     names = f.metadata.get(CHOICES)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from llm_model_parts.config import ModelConfig, absent_except
-from llm_model_parts.config_checks import positive
+from llm_model_parts.config_checks import non_negative, positive
 from llm_model_parts.family import Family
 from llm_model_parts.layers.block import DecoderLayer
 from llm_model_parts.layers.mla import MLAttention
@@ -41,7 +41,7 @@ class DeepseekV3Config(ModelConfig, model_type="deepseek_v3"):
     hf_absent: ClassVar[dict[str, Any]] = absent_except("attention_bias")
 
     moe_intermediate_size: int = positive(2048)
-    n_shared_experts: int = 1
+    n_shared_experts: int = non_negative(1)
     n_routed_experts: int = positive(256)
     routed_scaling_factor: float = 2.5
     kv_lora_rank: int = positive(512)
@@ -52,7 +52,7 @@ class DeepseekV3Config(ModelConfig, model_type="deepseek_v3"):
     n_group: int = positive(8)
     topk_group: int = positive(4)
     num_experts_per_tok: int = positive(8)
-    first_k_dense_replace: int = 3
+    first_k_dense_replace: int = non_negative(3)
     norm_topk_prob: bool = True
     rope_interleave: bool = True
 
@@ -64,9 +64,6 @@ class DeepseekV3Config(ModelConfig, model_type="deepseek_v3"):
                 raise ValueError(
                     f"config field {name}={value!r} is not supported (DeepSeek-V3 uses noaux_tc / sigmoid)"
                 )
-        if config["n_shared_experts"] < 0 or config["first_k_dense_replace"] < 0:
-            name = "n_shared_experts" if config["n_shared_experts"] < 0 else "first_k_dense_replace"
-            raise ValueError(f"config field {name} must not be negative, got {config[name]!r}")
         # MLA has no KV heads (one latent is shared by all heads): the cache sees one, the check none
         return {**config, "head_dim": config["qk_rope_head_dim"], "num_key_value_heads": None}
 

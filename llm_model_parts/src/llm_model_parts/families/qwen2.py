@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from llm_model_parts.config import ModelConfig, explicit_or
-from llm_model_parts.config_checks import positive
+from llm_model_parts.config_checks import non_negative
 from llm_model_parts.families.llama import build_layer as llama_layer
 from llm_model_parts.family import Family
 
@@ -45,7 +45,7 @@ class Qwen2Config(ModelConfig, model_type="qwen2"):
     hf_defaults: ClassVar[dict[str, Any]] = QWEN_DEFAULTS
 
     use_sliding_window: bool = False
-    max_window_layers: int = positive(28)
+    max_window_layers: int = non_negative(28)
 
     @classmethod
     def hf_layer_types(cls, config: Mapping[str, Any]) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from llm_model_parts.config import ModelConfig, explicit_or
-from llm_model_parts.config_checks import positive
+from llm_model_parts.config_checks import non_negative, positive
 from llm_model_parts.families.qwen2 import QWEN_DEFAULTS
 from llm_model_parts.family import Family
 from llm_model_parts.layers.attention import Attention
@@ -49,7 +49,7 @@ class Qwen2MoeConfig(QwenMoeConfig, model_type="qwen2_moe"):
         "num_key_value_heads": 16,
     }
 
-    max_window_layers: int = positive(28)
+    max_window_layers: int = non_negative(28)
     shared_expert_intermediate_size: int = positive(5632)
     qkv_bias: bool = True
 

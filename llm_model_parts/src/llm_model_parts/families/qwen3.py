@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from llm_model_parts.config import ModelConfig, absent_except
-from llm_model_parts.config_checks import positive
+from llm_model_parts.config_checks import non_negative
 from llm_model_parts.families.llama import build_layer as llama_layer
 from llm_model_parts.families.qwen2 import QWEN_DEFAULTS, window_from
 from llm_model_parts.family import Family
@@ -21,7 +21,7 @@ class Qwen3Config(ModelConfig, model_type="qwen3"):
     hf_absent: ClassVar[dict[str, Any]] = absent_except("attention_bias")
 
     use_sliding_window: bool = False
-    max_window_layers: int = positive(28)
+    max_window_layers: int = non_negative(28)
 
     @classmethod
     def hf_layer_types(cls, config: Mapping[str, Any]) -> list[str]:
