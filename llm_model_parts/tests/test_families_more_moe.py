@@ -117,7 +117,9 @@ def test_image_embeddings_enter_the_chain_like_hf_inputs_embeds(name: str) -> No
     begin = Part.from_config({**config, "image_token_id": 256}, "b 0-1", stored_tensors(path))
     with torch.inference_mode():
         by_token = begin(ids.masked_fill(image, 256), attention_mask=mask, inputs_embeds=vision)
-    torch.testing.assert_close(by_token, first, atol=1e-6, rtol=0)  # two loads: other alignment, other summation order
+    torch.testing.assert_close(
+        by_token, first, atol=1e-6, rtol=0
+    )  # two loads: other alignment, other summation order
 
 
 SEPWEIGHT = [

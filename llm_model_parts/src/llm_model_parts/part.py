@@ -7,6 +7,7 @@ A part holds no sequence state: the `KVCache` comes in with each call (see cache
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import warnings
@@ -330,11 +331,11 @@ def load_part(
     config = ModelConfig.from_hf(checkpoint.config)
     resolved = PartSpec.coerce(spec).resolve(config.num_hidden_layers)
     part = Part(config, resolved, device=device)
-    sections: list[tuple[str, Callable[[], Mapping[str, torch.Tensor]]]] = []
+    sections: list[tuple[str, Callable[[], Any]]] = []
     if resolved.begin:
         sections.append(("", lambda: checkpoint.load("b", device=device).begin))
     for j, i in enumerate(resolved.layers):
-        sections.append((f"layers.{j}.", lambda i=i: checkpoint.layer_state_dict(i, device)))
+        sections.append((f"layers.{j}.", functools.partial(checkpoint.layer_state_dict, i, device)))
     if resolved.end:
         sections.append(("", lambda: checkpoint.load("e", device=device).end))
     provided: set[str] = set()

@@ -25,6 +25,8 @@ class Attention(nn.Module):
     The layer holds no state but its parameters: the cache buffers come in with each call.
     """
 
+    qkv_proj: nn.Module
+
     def __init__(
         self,
         config: ModelConfig,

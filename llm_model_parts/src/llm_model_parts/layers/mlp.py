@@ -41,6 +41,8 @@ class GatedMLP(nn.Module):
     """Llama's MLP: `gate_proj`, `up_proj` (stored fused as one `gate_up_proj`, see layers.fused),
     `down_proj`."""
 
+    gate_up_proj: nn.Module
+
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False) -> None:
         super().__init__()
         self.gate_proj = Linear(hidden_size, intermediate_size, bias=bias)
