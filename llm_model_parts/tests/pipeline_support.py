@@ -224,7 +224,7 @@ def main() -> None:
         elif args.scenario == "idle":
             driver(torch.randint(0, VOCAB, (2, 4)))
             deadline = time.monotonic() + 10 * args.timeout
-            while driver._failure is None and time.monotonic() < deadline:
+            while driver.failure is None and time.monotonic() < deadline:
                 time.sleep(0.1)
             driver(torch.randint(0, VOCAB, (2, 1)))  # raises the heartbeat's error
         driver.close()

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pipeline_support as toy
 
-from llm_model_parts.pipeline import PipelineDriver, backend_for
-from llm_model_parts.stage import StageInfo, _check_chain, _check_input, _link_device
-from llm_model_parts.transport import Command, Header, PipelineError
+from llm_model_parts.pipeline import PipelineDriver, StageInfo, backend_for, check_chain
+from llm_model_parts.pipeline.stage import check_input
+from llm_model_parts.pipeline.transport import Command, Header, PipelineError, link_device
 
 WALL = 90.0  # hard wall clock per launch: a hanging pipeline fails the test instead of the CI job
 
@@ -42,9 +42,9 @@ def _info(spec: str, begin: bool, layers: tuple[int, int], end: bool, **kw: obje
 
 
 def test_payloads_use_nccl_only_between_two_cuda_ranks() -> None:
-    assert _link_device("cuda:1", "cuda:0") == torch.device("cuda:1")
-    assert _link_device("cuda:0", "cpu") == torch.device("cpu")
-    assert _link_device("cpu", "cuda:0") == torch.device("cpu")
+    assert link_device("cuda:1", "cuda:0") == torch.device("cuda:1")
+    assert link_device("cuda:0", "cpu") == torch.device("cpu")
+    assert link_device("cpu", "cuda:0") == torch.device("cpu")
     assert backend_for("cuda:0") == "cpu:gloo,cuda:nccl"
     assert backend_for("cpu") == "gloo"
 
@@ -55,17 +55,17 @@ def test_chain_errors_name_the_rank_and_layer() -> None:
         _info("2-4", False, (2, 4), False),
         _info("4-6 e", False, (4, 6), True),
     ]
-    _check_chain(good, complete=True)
+    check_chain(good, complete=True)
     with pytest.raises(PipelineError, match=r"rank 1 holds '3-4', starting at layer 3"):
-        _check_chain([good[0], _info("3-4", False, (3, 4), False)], complete=False)
+        check_chain([good[0], _info("3-4", False, (3, 4), False)], complete=False)
     with pytest.raises(PipelineError, match="dtype=float16 but rank 0"):
-        _check_chain([good[0], _info("2-4", False, (2, 4), False, dtype="float16")], complete=False)
+        check_chain([good[0], _info("2-4", False, (2, 4), False, dtype="float16")], complete=False)
     with pytest.raises(PipelineError, match="layers 4-6 are missing"):
-        _check_chain(good[:2], complete=True)
+        check_chain(good[:2], complete=True)
     with pytest.raises(PipelineError, match="must hold end"):
-        _check_chain([*good[:2], _info("4-6", False, (4, 6), False)], complete=True)
+        check_chain([*good[:2], _info("4-6", False, (4, 6), False)], complete=True)
     with pytest.raises(PipelineError, match="not begin"):
-        _check_chain(good[1:], complete=True)
+        check_chain(good[1:], complete=True)
 
 
 @pytest.mark.parametrize("micro_batches,chunk", [(1, None), (2, 3), (3, 1)])
@@ -160,12 +160,12 @@ def test_bad_plan_fails_at_start_up(tmp_path: Path) -> None:
 
 def test_each_message_is_checked_against_the_stage() -> None:
     mid = toy.toy_stage("2-4").info  # type: ignore[attr-defined]
-    _check_input(mid, torch.zeros(1, 3, toy.HIDDEN), sender=0)
+    check_input(mid, torch.zeros(1, 3, toy.HIDDEN), sender=0)
     with pytest.raises(
         PipelineError, match=r"expects hidden states float32 \[B, T, 16\], rank 0 sent float64 \[1, 3, 16\]"
     ):
-        _check_input(mid, torch.zeros(1, 3, toy.HIDDEN, dtype=torch.float64), sender=0)
+        check_input(mid, torch.zeros(1, 3, toy.HIDDEN, dtype=torch.float64), sender=0)
     with pytest.raises(PipelineError, match=r"sent float32 \[1, 3, 8\]"):
-        _check_input(mid, torch.zeros(1, 3, 8), sender=0)
+        check_input(mid, torch.zeros(1, 3, 8), sender=0)
     with pytest.raises(PipelineError, match="expects token ids int64"):
-        _check_input(toy.toy_stage("b 0-2").info, torch.zeros(1, 3, toy.HIDDEN), sender=0)  # type: ignore[attr-defined]
+        check_input(toy.toy_stage("b 0-2").info, torch.zeros(1, 3, toy.HIDDEN), sender=0)  # type: ignore[attr-defined]

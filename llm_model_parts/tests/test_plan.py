@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_model_parts.plan import _boundaries, model_sizes, parse_bytes, plan_split
+from llm_model_parts.pipeline.plan import _boundaries, model_sizes, parse_bytes, plan_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 

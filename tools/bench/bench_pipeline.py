@@ -108,7 +108,7 @@ def measure(f: Any, cfg: dict[str, Any], *, set_micro: Any = None) -> dict[str, 
 
 def hop_latency(rank: int, sizes: list[int], repeat: int) -> dict[str, float]:
     """One hop = half a round trip rank 0 -> 1 -> 0 of a header + fp32 payload of `n` floats."""
-    from llm_model_parts.transport import TAG_DOWN, TAG_RETURN, Command, Header, Link
+    from llm_model_parts.pipeline.transport import TAG_DOWN, TAG_RETURN, Command, Header, Link
 
     out = {}
     for n in sizes:

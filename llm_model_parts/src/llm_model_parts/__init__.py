@@ -6,11 +6,17 @@ from llm_model_parts.config import ModelConfig, RopeParameters
 from llm_model_parts.families import supported_architectures
 from llm_model_parts.forward_func import IncrementalForward
 from llm_model_parts.part import Part, load_part
-from llm_model_parts.pipeline import PipelineDriver, start_pipeline
-from llm_model_parts.plan import plan_split
-from llm_model_parts.stage import Stage, StageInfo
-from llm_model_parts.transport import PipelineError, PipelineTimeout, RemoteError
-from llm_model_parts.worker import run_worker
+from llm_model_parts.pipeline import (
+    PipelineDriver,
+    PipelineError,
+    PipelineTimeout,
+    RemoteError,
+    Stage,
+    StageInfo,
+    plan_split,
+    run_worker,
+    start_pipeline,
+)
 
 __version__ = "0.1.0"
 

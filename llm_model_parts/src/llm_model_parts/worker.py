@@ -1,117 +1,17 @@
-"""The loop every rank but 0 runs: receive from rank r-1, run this rank's part, send to r+1 (or back to 0)."""
+"""Deprecated alias of `llm_model_parts.pipeline.worker` (kept for one release; import from there or from `llm_model_parts.pipeline`)."""
 
-from __future__ import annotations
+import warnings
 
-import logging
-
-import torch
-import torch.distributed as dist
-
-from llm_model_parts.stage import Stage, _Caches, _check_input, _link_device, _select, handshake
-from llm_model_parts.transport import (
-    TAG_DOWN,
-    TAG_RETURN,
-    Command,
-    Header,
-    Link,
-    PipelineError,
-    RemoteError,
-    decode_text,
-    encode_text,
+from llm_model_parts.pipeline.worker import (
+    run_worker,
 )
 
-logger = logging.getLogger(__name__)
+warnings.warn(
+    "llm_model_parts.worker is deprecated; import from llm_model_parts.pipeline.worker (or llm_model_parts.pipeline)",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
-
-def run_worker(
-    stage: Stage,
-    *,
-    rank: int | None = None,
-    world: int | None = None,
-    timeout: float = 60.0,
-    startup_timeout: float | None = None,
-) -> None:
-    """Serve one stage of the pipeline (any rank but 0) until rank 0 shuts it down.
-
-    Raises PipelineError when a neighbour dies, hangs past `timeout`, or sends something this stage cannot
-    take; before raising it tells the ranks downstream (and so rank 0) what happened.
-    """
-    rank = dist.get_rank() if rank is None else rank
-    world = dist.get_world_size() if world is None else world
-    if rank == 0:
-        raise ValueError("run_worker serves ranks 1..n-1; rank 0 drives the pipeline with PipelineDriver")
-    infos = handshake(stage.info, rank, world, timeout=startup_timeout or timeout)
-    last = rank == world - 1
-    me = stage.info.device
-    inbox = Link(rank - 1, TAG_DOWN, timeout, _link_device(me, infos[rank - 1].device))
-    nxt = 0 if last else rank + 1
-    outbox = Link(nxt, TAG_RETURN if last else TAG_DOWN, timeout, _link_device(me, infos[nxt].device))
-    caches = _Caches(stage)
-    device = torch.device(stage.info.device)
-    logger.info("rank %d serving %r on %s", rank, stage.info.spec, device)
-    try:
-        _serve(stage, caches, inbox, outbox, device, rank, last)
-    except PipelineError as e:
-        _tell_downstream(outbox, f"rank {rank} ({stage.info.spec!r}): {e}", e)
-        raise
-    except Exception as e:
-        msg = f"rank {rank} ({stage.info.spec!r}) raised {type(e).__name__}: {e}"
-        _tell_downstream(outbox, msg, e)
-        raise PipelineError(msg) from e
-    finally:
-        caches.forwards.clear()
-
-
-def _tell_downstream(outbox: Link, msg: str, cause: BaseException) -> None:
-    if isinstance(cause, RemoteError):
-        msg = str(cause)  # already says where it came from
-    try:
-        outbox.send(Header(Command.ERROR), [encode_text(msg)])
-        outbox.flush(min(outbox.timeout, 5.0))
-    except PipelineError:
-        pass  # the downstream rank is gone too; its neighbours will notice
-
-
-def _serve(
-    stage: Stage, caches: _Caches, inbox: Link, outbox: Link, device: torch.device, rank: int, last: bool
-) -> None:
-    info = stage.info
-    while True:
-        header, tensors = inbox.recv()
-        cmd = header.command
-        if cmd == Command.FORWARD:
-            x = tensors[0].to(device)
-            _check_input(info, x, inbox.peer)
-            mask = tensors[1].to(device).long() if len(tensors) > 1 else None
-            y = caches.get(header.item)(x, attention_mask=mask)
-            if last:
-                outbox.send(Header(Command.RESULT, header.item, header.arg), _select(y, header.arg))
-            else:
-                outbox.send(Header(Command.FORWARD, header.item, header.arg), [y, *tensors[1:]])
-        elif cmd == Command.PACKED:
-            x = tensors[0].to(device)
-            _check_input(info, x, inbox.peer)
-            pos, tree = tensors[1].to(device), tensors[2].to(device).bool()
-            y = caches.get(header.item).forward_packed(x, pos, tree)  # type: ignore[attr-defined]
-            if last:
-                outbox.send(Header(Command.RESULT, header.item, header.arg), _select(y, header.arg))
-            else:
-                outbox.send(Header(Command.PACKED, header.item, header.arg), [y, *tensors[1:]])
-        elif cmd in (Command.RESET, Command.REWIND):
-            if cmd == Command.RESET:
-                caches.reset()
-            else:
-                caches.rewind(header.arg)
-            if not last:
-                outbox.send(header)
-        elif cmd == Command.PING:
-            outbox.send(Header(Command.PONG if last else Command.PING, arg=header.arg))
-        elif cmd == Command.SHUTDOWN:
-            outbox.send(header)
-            outbox.flush()
-            logger.info("rank %d: shut down by rank 0", rank)
-            return
-        elif cmd == Command.ERROR:
-            raise RemoteError(decode_text(tensors))
-        else:
-            raise PipelineError(f"rank {rank}: unexpected command {cmd.name} from rank {inbox.peer}")
+__all__ = [
+    "run_worker",
+]

@@ -1,16 +1,13 @@
-"""Run a model's parts on several processes or hosts with torch.distributed: a pipeline behind one forward_func.
+"""Rank 0's side of the pipeline: `PipelineDriver`, an incremental forward_func over every rank's part.
 
-Rank r holds one part (its spec: `"b 0-10"`, `"10-20"`, `"20-30 e"` ...) with its own KV caches. Rank 0
-drives: `PipelineDriver` is an incremental forward_func (docs/forward_func.md), so llm_sampler generates
-and scores through it as through a local model. Each call splits the batch into micro-batches (rows) and
-long inputs into chunks (positions), runs its own part on each and sends the hidden states on; every
-other rank runs `run_worker`, receiving from rank r-1 and sending to r+1; the last rank sends logits (or
-only the argmax token ids) back to rank 0. Several micro-batches are in flight at once, so during a
-prefill every stage computes while the others do.
+Each call splits the batch into micro-batches (rows) and long inputs into chunks (positions), runs rank 0's
+own part on each and sends the hidden states down; the last rank sends logits (or only the last position's,
+or the argmax token ids) back. Several micro-batches are in flight at once, so during a prefill every stage
+computes while the others do. Commands (reset, rewind, shutdown) flow down the same path, so they stay
+ordered with the data. When idle, the driver sends a heartbeat round the ring every `timeout / 4` seconds.
 
-Commands (reset, rewind, shutdown) flow down the same path, so they stay ordered with the data. When
-idle, rank 0 sends a heartbeat round the ring every `timeout / 4` seconds; every wait on every rank has
-`timeout`, so a rank that dies or hangs makes all the others fail with a clear error instead of hanging.
+The driver owns the sequence: `seq_len` and `batch_size` are authoritative, and every rank's caches (one per
+micro-batch, see stage.py) follow its calls, rewinds and resets.
 """
 
 from __future__ import annotations
@@ -18,27 +15,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-from llm_model_parts.stage import (
-    _OUT_LAST,
-    _OUT_LOGITS,
-    _OUT_NONE,
-    OUTPUTS,
-    Stage,
-    StageInfo,
-    _Caches,
-    _check_chain,
-    _link_device,
-    _select,
-    handshake,
-    load_stage,
-)
-from llm_model_parts.transport import (
+from llm_model_parts.pipeline.handshake import check_chain, handshake
+from llm_model_parts.pipeline.stage import OUTPUTS, Output, Stage, StageCaches, StageInfo, select_output
+from llm_model_parts.pipeline.transport import (
     TAG_DOWN,
     TAG_RETURN,
     Command,
@@ -47,27 +32,10 @@ from llm_model_parts.transport import (
     PipelineError,
     RemoteError,
     decode_text,
+    link_device,
 )
-from llm_model_parts.worker import run_worker
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "OUTPUTS",
-    "PipelineDriver",
-    "PipelineError",
-    "RemoteError",
-    "Stage",
-    "StageInfo",
-    "backend_for",
-    "init_distributed",
-    "load_stage",
-    "parse_plan",
-    "run_worker",
-    "start_pipeline",
-]
-
-# --- rank 0 ----------------------------------------------------------------------------------------------------
 
 
 class PipelineDriver:
@@ -107,23 +75,23 @@ class PipelineDriver:
         self.timeout = timeout
         self.on_failure = on_failure
         self.owns_group = owns_group  # close() destroys the process group (start_pipeline created it)
-        self._caches = _Caches(stage) if stage is not None else None
-        own = stage.info if stage is not None else _driver_only_info()
+        self._caches = StageCaches(stage) if stage is not None else None
+        own = stage.info if stage is not None else StageInfo.driver_only()
         if self.world > 1:
             self.infos = infos if infos is not None else handshake(own, 0, self.world, timeout=timeout)
         else:
             self.infos = [own]
-            _check_chain(self.infos, complete=True)
+            check_chain(self.infos, complete=True)
         self.max_seq_len = min(i.max_seq_len for i in self.infos if i.spec)
         self.vocab_size = self.infos[-1].vocab_size
         self.device = torch.device(own.device)
         last_dev = self.infos[-1].device
         first_dev = self.infos[1].device if self.world > 1 else own.device
         self._down = (
-            Link(1, TAG_DOWN, timeout, _link_device(own.device, first_dev)) if self.world > 1 else None
+            Link(1, TAG_DOWN, timeout, link_device(own.device, first_dev)) if self.world > 1 else None
         )
         self._back = (
-            Link(self.world - 1, TAG_RETURN, timeout, _link_device(own.device, last_dev))
+            Link(self.world - 1, TAG_RETURN, timeout, link_device(own.device, last_dev))
             if self.world > 1
             else None
         )
@@ -143,6 +111,11 @@ class PipelineDriver:
                 target=self._beat, args=(interval,), name="pipeline-heartbeat", daemon=True
             )
             self._heartbeat.start()
+
+    @property
+    def failure(self) -> PipelineError | None:
+        """The error that stopped the pipeline (a rank died, hung or raised; later calls raise it), or None."""
+        return self._failure
 
     # --- the forward_func contract --------------------------------------------------------------------------
 
@@ -171,7 +144,7 @@ class PipelineDriver:
         items = [(0, 0, n)]
         with self._guard():
             results = self._run(
-                items, input_ids.long(), None, _OUT_LOGITS, packed=(position_ids.long(), tree_mask.bool())
+                items, input_ids.long(), None, Output.LOGITS, packed=(position_ids.long(), tree_mask.bool())
             )
         return results[0]
 
@@ -256,12 +229,28 @@ class PipelineDriver:
         ids = new_ids.long().to(self.device)
         return ids, (attention_mask.long().to(self.device) if attention_mask is not None else None)
 
-    def _guard(self) -> _Guard:
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Hold the lock for one operation and record a failure, so that later calls fail fast."""
         if self._closed:
             raise PipelineError("the pipeline is closed")
         if self._failure is not None:
             raise self._failure
-        return _Guard(self)
+        self._lock.acquire()
+        try:
+            yield
+        except PipelineError as e:
+            self._fail(e)
+            raise
+        except BaseException as e:
+            # some micro-batches may be in flight: the ranks' caches no longer agree
+            self._fail(
+                PipelineError(f"a call failed half-way ({type(e).__name__}: {e}); restart the pipeline")
+            )
+            raise
+        finally:
+            self._last_activity = time.monotonic()
+            self._lock.release()
 
     def _run(
         self,
@@ -277,15 +266,16 @@ class PipelineDriver:
             r0, r1 = self._groups[g]
             x = ids[r0:r1, s:e]
             m = mask[r0:r1, : self.seq_len + e] if mask is not None else None
-            item_mode = _OUT_NONE if mode == _OUT_LAST and s != final_start else mode
+            item_mode = Output.NONE if mode == Output.LAST and s != final_start else mode
             if self._caches is not None:
-                f = self._caches.get(g)
                 if packed is not None:
-                    x = f.forward_packed(x, packed[0].to(self.device), packed[1].to(self.device))  # type: ignore[attr-defined]
+                    x = self._caches.forward_packed(
+                        g, x, packed[0].to(self.device), packed[1].to(self.device)
+                    )
                 else:
-                    x = f(x, attention_mask=m)
+                    x = self._caches.get(g)(x, attention_mask=m)
             if self._down is None:
-                local += _select(x, item_mode)
+                local += select_output(x, item_mode)
                 continue
             extra = [m.to(torch.uint8)] if m is not None else []
             if packed is not None:
@@ -312,7 +302,7 @@ class PipelineDriver:
     def _assemble(
         self, results: list[torch.Tensor], items: list[tuple[int, int, int]], mode: int
     ) -> torch.Tensor:
-        if mode == _OUT_LAST:
+        if mode == Output.LAST:
             results = results[-len(self._groups) :]
             return torch.cat(results, 0)
         n_groups = len(self._groups)
@@ -352,137 +342,3 @@ class PipelineDriver:
             logger.error("pipeline failed: %s", e)
             if self.on_failure is not None:
                 self.on_failure(e)
-
-
-class _Guard:
-    """Holds the driver's lock for one operation and records a failure, so later calls fail fast."""
-
-    def __init__(self, driver: PipelineDriver) -> None:
-        self.driver = driver
-
-    def __enter__(self) -> None:
-        self.driver._lock.acquire()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self.driver._last_activity = time.monotonic()
-        self.driver._lock.release()
-        if isinstance(exc, PipelineError):
-            self.driver._fail(exc)
-        elif exc is not None:
-            # some micro-batches may be in flight: the ranks' caches no longer agree
-            self.driver._fail(
-                PipelineError(f"a call failed half-way ({type(exc).__name__}: {exc}); restart the pipeline")
-            )
-
-
-def _driver_only_info() -> StageInfo:
-    return StageInfo("", False, (0, 0), False, 0, 0, 0, "float32", "cpu", 1 << 62)
-
-
-# --- one call for everything ------------------------------------------------------------------------------------
-
-
-def backend_for(device: str | torch.device) -> str:
-    """gloo for CPU tensors; on CUDA, NCCL for CUDA tensors and gloo for the CPU headers."""
-    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
-
-
-def init_distributed(*, device: str | torch.device, timeout: float) -> bool:
-    """Join the process group torchrun describes (env://); returns False when it was joined already."""
-    if dist.is_initialized():
-        return False
-    from datetime import timedelta
-
-    device = torch.device(device)
-    kwargs: dict[str, Any] = {}
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        kwargs["device_id"] = device
-    dist.init_process_group(backend=backend_for(device), timeout=timedelta(seconds=timeout), **kwargs)
-    return True
-
-
-def parse_plan(plan: str | Sequence[str], world: int) -> list[str]:
-    """`"b 0-10,10-20,20-30 e"` or a list of specs -> one spec per rank."""
-    specs = [s.strip() for s in plan.split(",")] if isinstance(plan, str) else [str(s).strip() for s in plan]
-    if len(specs) != world:
-        raise ValueError(
-            f"the plan has {len(specs)} specs ({specs}) but there are {world} ranks: give one spec per rank"
-        )
-    return specs
-
-
-def default_device() -> torch.device:
-    import os
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def start_pipeline(
-    model: str | Any,
-    plan: str | Sequence[str] = "auto",
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    max_seq_len: int = 2048,
-    batch_size: int = 1,
-    micro_batches: int = 1,
-    prefill_chunk: int | None = None,
-    output: str = "logits",
-    timeout: float = 60.0,
-    startup_timeout: float = 600.0,
-    memory: int | str | None = None,
-) -> PipelineDriver | None:
-    """Join the process group, load this rank's part of `model` (a sepweight or HF directory), and run.
-
-    Rank 0 gets a PipelineDriver (an incremental forward_func); every other rank serves its stage until
-    rank 0 closes the driver, then gets None. `plan` is "auto" (`plan_split` over each rank's `memory`,
-    default: what this device has free) or one spec per rank. Batches of up to `batch_size` rows
-    (`micro_batches` cache sets of batch_size/micro_batches rows on every rank).
-    """
-    from llm_model_parts.plan import detect_memory, parse_bytes, plan_split
-
-    device = torch.device(device) if device is not None else default_device()
-    own_group = init_distributed(device=device, timeout=startup_timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        if plan == "auto":
-            budget = parse_bytes(memory) if memory is not None else detect_memory(device)
-            budgets = torch.zeros(world, dtype=torch.int64)
-            budgets[rank] = budget
-            dist.all_reduce(budgets)  # gloo on CPU tensors
-            specs = plan_split(
-                model,
-                budgets.tolist(),
-                dtype=dtype or torch.float32,
-                max_seq_len=max_seq_len,
-                batch_size=batch_size,
-            )
-            if rank == 0:
-                logger.info("plan: %s (budgets %s)", specs, budgets.tolist())
-        else:
-            specs = parse_plan(plan, world)
-        stage = load_stage(model, specs[rank], device=device, dtype=dtype, max_seq_len=max_seq_len)
-        # the others may still be loading: the handshake waits up to startup_timeout
-        if rank == 0:
-            infos = handshake(stage.info, 0, world, timeout=startup_timeout) if world > 1 else None
-            return PipelineDriver(
-                stage,
-                infos=infos,
-                world=world,
-                micro_batches=micro_batches,
-                prefill_chunk=prefill_chunk,
-                output=output,
-                timeout=timeout,
-                owns_group=own_group,
-            )
-        run_worker(stage, rank=rank, world=world, timeout=timeout, startup_timeout=startup_timeout)
-    except BaseException:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
-        raise
-    if own_group:
-        dist.destroy_process_group()
-    return None

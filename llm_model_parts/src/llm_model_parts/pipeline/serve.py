@@ -1,0 +1,236 @@
+"""Launcher: `torchrun --nproc-per-node 3 -m llm_model_parts.serve --model DIR --plan auto --prompt "Hello"`.
+
+Every rank loads its part of DIR (a sepweight or HF directory: only the files its spec needs); rank 0
+tokenizes, generates through the pipeline and prints. Without --prompt / --prompts-file, rank 0 reads
+prompts from standard input, one per line, until end of input. Sampling uses llm_sampler when it is
+installed (temperature, top-k, top-p ...), else greedy decoding. See docs/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llm_model_parts.pipeline.driver import PipelineDriver
+from llm_model_parts.pipeline.launch import start_pipeline
+from llm_model_parts.pipeline.transport import PipelineError
+
+logger = logging.getLogger("llm_model_parts.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m llm_model_parts.serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--model", required=True, help="sepweight or Hugging Face checkpoint directory (on every host)"
+    )
+    ap.add_argument("--plan", default="auto", help='"auto" or one spec per rank: "b 0-10,10-20,20-30 e"')
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument(
+        "--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu"
+    )
+    ap.add_argument(
+        "--max-seq-len", type=int, default=2048, help="KV cache slots per row (prompt + new tokens)"
+    )
+    ap.add_argument("--batch-size", type=int, default=1, help="most prompts per batch (for --plan auto)")
+    ap.add_argument(
+        "--memory", default=None, help="this rank's budget for --plan auto (e.g. 20GiB); default: free memory"
+    )
+    ap.add_argument(
+        "--micro-batches", type=int, default=1, help="split each batch's rows into this many micro-batches"
+    )
+    ap.add_argument(
+        "--prefill-chunk", type=int, default=None, help="split prompts into chunks of this many tokens"
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds a rank waits for a neighbour before failing"
+    )
+    ap.add_argument(
+        "--startup-timeout", type=float, default=600.0, help="seconds to wait for every rank to load"
+    )
+    ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch); one-shot")
+    ap.add_argument(
+        "--prompts-file", type=Path, default=None, help="a file of prompts, one per line, run as a batch"
+    )
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (needs llm_sampler when > 0)")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        logger.error("start this module with torchrun (see docs/pipeline.md): RANK/MASTER_ADDR are not set")
+        return 2
+    try:
+        driver = start_pipeline(
+            args.model,
+            args.plan,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            max_seq_len=args.max_seq_len,
+            batch_size=args.batch_size,
+            micro_batches=args.micro_batches,
+            prefill_chunk=args.prefill_chunk,
+            output="last",  # generation needs only the last position's logits: 1/T of the traffic back
+            timeout=args.timeout,
+            startup_timeout=args.startup_timeout,
+            memory=args.memory,
+        )
+        if driver is None:
+            return 0  # a worker rank, shut down by rank 0
+        with driver:
+            driver.on_failure = lambda e: (
+                _thread.interrupt_main()
+            )  # wake rank 0 even while it waits for input
+            _drive(driver, args)
+        return 0
+    except PipelineError as e:
+        logger.error("%s", e)
+        return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 1
+
+
+def _drive(driver: PipelineDriver, args: argparse.Namespace) -> None:
+    tokenizer = _tokenizer(Path(args.model))
+    eos = _eos_ids(Path(args.model))
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        prompts += [line for line in args.prompts_file.read_text().splitlines() if line.strip()]
+    if prompts:
+        for text in _complete(driver, tokenizer, prompts, eos, args):
+            sys.stdout.write(text + "\n")
+        return
+    if sys.stdin.isatty():
+        sys.stdout.write("prompt (empty line or end of input to quit)> ")
+        sys.stdout.flush()
+    for line in sys.stdin:
+        if driver.failure is not None:
+            raise driver.failure
+        if not line.strip():
+            break
+        sys.stdout.write(_complete(driver, tokenizer, [line.rstrip("\n")], eos, args)[0] + "\n")
+        if sys.stdin.isatty():
+            sys.stdout.write("> ")
+        sys.stdout.flush()
+
+
+def _complete(
+    driver: PipelineDriver, tokenizer: Any, prompts: list[str], eos: list[int], args: argparse.Namespace
+) -> list[str]:
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    pad = eos[0] if eos else 0
+    driver.reset()
+    new = generate(
+        driver,
+        ids,
+        args.max_new_tokens,
+        eos=eos,
+        pad=pad,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    return [p + tokenizer.decode(n) for p, n in zip(prompts, new, strict=True)]
+
+
+def generate(
+    driver: PipelineDriver,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    eos: list[int],
+    pad: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> list[list[int]]:
+    """New tokens per prompt, through llm_sampler when installed, else greedy."""
+    try:
+        import llm_sampler
+    except ImportError:
+        if temperature > 0:
+            raise RuntimeError(
+                "sampling with --temperature > 0 needs llm_sampler: pip install llm-sampler"
+            ) from None
+        return _greedy(driver, prompts, max_new_tokens, eos=eos, pad=pad)
+    gen = llm_sampler.generate(
+        driver, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        eos_token_id=eos or None, pad_token_id=pad,
+    )  # fmt: skip
+    out = []
+    for row in gen.new_tokens.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def _greedy(
+    driver: PipelineDriver, prompts: list[list[int]], max_new_tokens: int, *, eos: list[int], pad: int
+) -> list[list[int]]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    logits = driver(ids, attention_mask=mask)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)
+        for r, t in enumerate(nxt.tolist()):
+            done[r] = done[r] or t in eos
+            if not done[r]:
+                out[r].append(t)
+        if all(done) or driver.seq_len >= driver.max_seq_len:
+            break
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+        logits = driver(nxt[:, None], attention_mask=mask)
+    return out
+
+
+def _tokenizer(model: Path) -> Any:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise RuntimeError(
+            "the launcher tokenizes prompts with the `tokenizers` package: pip install tokenizers"
+        ) from None
+    path = model / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the launcher needs the model's tokenizer.json beside its weights")
+    return Tokenizer.from_file(str(path))
+
+
+def _eos_ids(model: Path) -> list[int]:
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json", "manifest.json"):
+        path = model / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        value = data.get(
+            "eos_token_id", data.get("config", {}).get("eos_token_id") if name == "manifest.json" else None
+        )
+        if value is not None:
+            ids = [value] if isinstance(value, int) else [int(v) for v in value]
+            break
+    return ids
+
+
+if __name__ == "__main__":
+    sys.exit(main())

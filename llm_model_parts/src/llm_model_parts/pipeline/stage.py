@@ -1,0 +1,226 @@
+"""What one pipeline rank holds: `StageInfo` (its description), `Stage` (the description and a factory of
+incremental forwards over its part), `PartForward` (one micro-batch's forward over a Part, owning that
+micro-batch's `KVCache`), `StageCaches` (a rank's forwards, one per micro-batch), and what the last rank
+sends back (`Output`, `select_output`).
+
+Sequence state on a rank has one owner per micro-batch: the `KVCache` its `PartForward` allocated with
+`part.new_cache(...)` and passes to every call; the Part itself holds none, so the micro-batches share its
+weights without swapping anything in or out. Rank 0's `PipelineDriver.seq_len` is the authoritative length
+of the sequence: the ranks' caches follow its calls, rewinds and resets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from llm_model_parts.pipeline.transport import PipelineError
+
+if TYPE_CHECKING:
+    from llm_model_parts.cache import KVCache
+    from llm_model_parts.part import Part
+
+
+class StageForward(Protocol):
+    """One micro-batch's incremental forward over a stage: `f(x, attention_mask=None)`, `reset()`, `rewind(n)`
+    (and `forward_packed(x, position_ids, tree_mask)` when the stage is `packed`)."""
+
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+    def reset(self) -> None: ...
+    def rewind(self, n: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What a rank holds; exchanged at start-up so that a mismatched pipeline fails before any token is sent."""
+
+    spec: str  # "" for a rank 0 that only drives
+    begin: bool
+    layers: tuple[int, int]  # half-open range, (0, 0) when none
+    end: bool
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str  # "float32", ...
+    device: str
+    max_seq_len: int
+    architecture: str = ""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StageInfo:
+        d = dict(d)
+        d["layers"] = tuple(d["layers"])
+        return cls(**d)
+
+    @classmethod
+    def driver_only(cls) -> StageInfo:
+        """A rank 0 that holds no part and only drives."""
+        return cls("", False, (0, 0), False, 0, 0, 0, "float32", "cpu", 1 << 62)
+
+
+@dataclass
+class Stage:
+    """A rank's part: its description and a factory of independent forwards (one per micro-batch) over the
+    same weights."""
+
+    info: StageInfo
+    new_forward: Callable[[], StageForward]
+    module: Any = None  # the Part, kept alive
+    packed: bool = False  # the forwards offer forward_packed
+
+
+def stage_from_part(part: Part, *, max_seq_len: int, spec: str | None = None) -> Stage:
+    """A Stage over an llm_model_parts Part: each micro-batch gets its own KV cache of `max_seq_len` slots."""
+    cfg = part.config
+    layers = tuple(part.spec.layers)
+    info = StageInfo(
+        spec=spec if spec is not None else str(part.spec),
+        begin=bool(part.spec.begin),
+        layers=(layers[0], layers[-1] + 1) if layers else (0, 0),
+        end=bool(part.spec.end),
+        num_layers=int(cfg.num_hidden_layers),
+        hidden_size=int(cfg.hidden_size),
+        vocab_size=int(cfg.vocab_size),
+        dtype=str(part.dtype).removeprefix("torch."),
+        device=str(part.device),
+        max_seq_len=max_seq_len,
+        architecture=str(getattr(cfg, "model_type", "")),
+    )
+    return Stage(info, lambda: PartForward(part, max_seq_len), module=part, packed=True)
+
+
+def load_stage(
+    model: str | Any, spec: str, *, device: torch.device, dtype: torch.dtype | None, max_seq_len: int
+) -> Stage:
+    """Load only the files `spec` needs from `model` and wrap the part as a Stage."""
+    from llm_model_parts.part import load_part
+
+    part = load_part(model, spec, device=device, dtype=dtype)
+    return stage_from_part(part, max_seq_len=max_seq_len, spec=spec)
+
+
+class PartForward:
+    """One micro-batch's incremental forward over a Part: it owns that micro-batch's `KVCache` and passes it
+    to each call. The cache is allocated at the first call (its batch size fixes the rows until `reset()`)."""
+
+    def __init__(self, part: Part, max_seq_len: int) -> None:
+        self.part = part
+        self.max_seq_len = max_seq_len
+        self.cache: KVCache | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.cache.seq_len if self.cache is not None else 0
+
+    def _cache_for(self, batch_size: int) -> KVCache:
+        cache = self.cache
+        if cache is None or (cache.batch_size != batch_size and cache.seq_len == 0):
+            cache = self.cache = self.part.new_cache(batch_size, self.max_seq_len)
+        return cache
+
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            cache = self._cache_for(x.shape[0])
+            out: torch.Tensor = self.part(x, cache, attention_mask=attention_mask)
+            return out
+
+    def forward_packed(
+        self, x: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Packed continuations of row 0's cached prefix; the cache is left as it was."""
+        with torch.no_grad():
+            cache = self._cache_for(x.shape[0])
+            return self.part.forward_packed(x, position_ids, tree_mask, cache)
+
+    def reset(self) -> None:
+        if self.cache is not None:
+            self.cache.reset()
+
+    def rewind(self, n: int) -> None:
+        if self.cache is not None:
+            self.cache.rewind(n)
+
+
+class StageCaches:
+    """A rank's sequence state: one forward (and so one KV cache) per micro-batch, created on first use and
+    kept across resets."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.forwards: dict[int, StageForward] = {}
+
+    def get(self, item: int) -> StageForward:
+        f = self.forwards.get(item)
+        if f is None:
+            f = self.forwards[item] = self.stage.new_forward()
+        return f
+
+    def forward_packed(
+        self, item: int, x: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor
+    ) -> torch.Tensor:
+        f = self.get(item)
+        packed = getattr(f, "forward_packed", None)
+        if packed is None:
+            raise PipelineError(f"this stage ({self.stage.info.spec!r}) does not offer forward_packed")
+        out: torch.Tensor = packed(x, position_ids, tree_mask)
+        return out
+
+    def reset(self) -> None:
+        for f in self.forwards.values():
+            f.reset()
+
+    def rewind(self, n: int) -> None:
+        for f in self.forwards.values():
+            f.rewind(n)
+
+    def clear(self) -> None:
+        """Free every cache."""
+        self.forwards.clear()
+
+
+def check_input(info: StageInfo, x: torch.Tensor, sender: int) -> None:
+    """A readable error when what arrives is not what this stage takes."""
+    if info.begin:
+        if x.dtype != torch.int64 or x.dim() != 2:
+            raise PipelineError(
+                f"rank holding {info.spec!r} (begin) expects token ids int64 [B, T], "
+                f"rank {sender} sent {x.dtype} {list(x.shape)}"
+            )
+        return
+    if x.dim() != 3 or x.shape[-1] != info.hidden_size or x.dtype != info.torch_dtype:
+        raise PipelineError(
+            f"rank holding {info.spec!r} expects hidden states {info.dtype} [B, T, {info.hidden_size}], "
+            f"rank {sender} sent {str(x.dtype).removeprefix('torch.')} {list(x.shape)}: "
+            "do all ranks load the same model with the same dtype?"
+        )
+
+
+OUTPUTS = ("logits", "last", "argmax")
+
+
+class Output(IntEnum):
+    """What the last rank sends back for a micro-batch (a header's `arg`); the first three are `OUTPUTS`."""
+
+    LOGITS = 0
+    LAST = 1  # the last position's logits
+    ARGMAX = 2  # token ids
+    NONE = 3  # nothing: a prefill chunk before the last, when only the last position is wanted
+
+
+def select_output(y: torch.Tensor, mode: int) -> list[torch.Tensor]:
+    """The payloads the last rank sends back for its output `y` in output mode `mode`."""
+    if mode == Output.LAST:
+        return [y[:, -1:]]
+    if mode == Output.ARGMAX:
+        return [y.argmax(-1)]
+    if mode == Output.NONE:
+        return []
+    return [y]

@@ -1,0 +1,122 @@
+"""The distributed subpackage's layout: its modules use each other's public names only, each stays readable
+in size, and the old module paths still import (as deprecated aliases)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PIPELINE = SRC / "llm_model_parts" / "pipeline"
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from llm_model_parts... import _name` and `module._name` reads of an imported package module."""
+    tree = ast.parse(path.read_text())
+    found = []
+    modules: set[str] = set()  # local names bound to llm_model_parts modules
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (
+            node.level or (node.module or "").startswith("llm_model_parts")
+        ):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{path.name}:{node.lineno} imports {alias.name} from {node.module}")
+                modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("llm_model_parts"):
+                    modules.add(alias.asname or alias.name.split(".")[0])
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+        ):
+            found.append(f"{path.name}:{node.lineno} reads {node.value.id}.{node.attr}")
+    return found
+
+
+def test_pipeline_modules_import_public_names_only() -> None:
+    files = sorted(PIPELINE.glob("*.py"))
+    assert {p.stem for p in files} >= {"driver", "worker", "stage", "transport", "handshake", "launch"}
+    found = [f for p in files for f in private_imports(p)]
+    assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
+def test_the_checker_finds_private_imports(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from llm_model_parts.pipeline.stage import _Caches, Stage\n"
+        "from . import driver\n"
+        "def f(d):\n    return driver._Guard, d._failure\n"
+    )
+    found = private_imports(bad)
+    assert len(found) == 2, found
+    assert "_Caches" in found[0] and "driver._Guard" in found[1]
+
+
+def test_no_module_reads_another_objects_private_attribute() -> None:
+    """serve.py used to read `driver._failure`: no attribute of an object other than `self`/`cls` that
+    starts with one underscore is read in the subpackage, except on the module's own classes' instances."""
+    found = []
+    for path in sorted(PIPELINE.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id not in ("self", "cls", "torch", "_thread")
+            ):
+                found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+    assert not found, found
+
+
+def test_pipeline_files_stay_small() -> None:
+    long = {p.name: n for p in PIPELINE.glob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+@pytest.mark.parametrize("old", ["stage", "transport", "worker", "plan"])
+def test_old_module_paths_are_deprecated_aliases(old: str) -> None:
+    sys.modules.pop(f"llm_model_parts.{old}", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(f"llm_model_parts.{old}")
+    assert any(issubclass(w.category, DeprecationWarning) for w in caught)
+    new = importlib.import_module(f"llm_model_parts.pipeline.{old}")
+    for name in module.__all__:
+        assert getattr(module, name) is getattr(new, name, getattr(module, name))
+
+
+def test_public_names_keep_working() -> None:
+    import llm_model_parts
+    import llm_model_parts.pipeline as pipeline
+
+    for name in ("PipelineDriver", "start_pipeline", "Stage", "StageInfo", "PipelineError", "PipelineTimeout",
+                 "RemoteError", "run_worker", "plan_split"):  # fmt: skip
+        assert getattr(llm_model_parts, name) is getattr(pipeline, name)
+    # what the old `llm_model_parts.pipeline` module exported
+    for name in ("OUTPUTS", "backend_for", "init_distributed", "load_stage", "parse_plan"):
+        assert hasattr(pipeline, name)
+
+
+def test_launcher_entry_points_parse_arguments() -> None:
+    for module in ("llm_model_parts.serve", "llm_model_parts.pipeline.serve"):
+        result = subprocess.run(
+            [sys.executable, "-W", "error::DeprecationWarning", "-m", module, "--help"],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "--plan" in result.stdout
