@@ -25,8 +25,7 @@ def decode(forward_func: Any, ids: torch.Tensor, steps: int) -> list[torch.Tenso
 
 
 def resident(path: Path, spec: str) -> Any:
-    # Streamed layers run with the weights as the source gives them; for bit-equality the resident
-    # reference keeps them as loaded too (no decode layout, which changes the order of the sums).
+    # Streamed layers run on the weights as the source gives them, the resident reference as loaded.
     return llm_model_parts.load_part(path, spec)
 
 
@@ -55,7 +54,7 @@ def test_middle_part(tiny_llama_sepweight: Path) -> None:
 
 
 def test_parts_equal_hf(tiny_llama: Any, reference_llama: Any, tiny_llama_sepweight: Path) -> None:
-    part = llm_model_parts.load_part(tiny_llama_sepweight, "f")  # decode layout: streamed layers fall back
+    part = llm_model_parts.load_part(tiny_llama_sepweight, "f")
     off = offload(part.layers, SepweightSource(tiny_llama_sepweight), "cpu")
     with torch.no_grad():
         got, want = part(IDS), reference_llama(IDS).logits
