@@ -64,12 +64,17 @@ BAD_DTYPE = b'{"a": {"dtype": "F31", "shape": [2], "data_offsets": [0, 8]}}'
 @pytest.mark.parametrize(
     "payload, match",
     [
-        (b"\x01", "shorter than 8 bytes"),
-        (struct.pack("<Q", 10**12) + b"{}", "claims"),
-        (struct.pack("<Q", 4) + b"{{{{", "corrupt safetensors header"),
-        (struct.pack("<Q", 2) + b"[]", "corrupt safetensors header"),
-        (struct.pack("<Q", len(BAD_OFFSETS)) + BAD_OFFSETS, "do not fit"),
+        (b"\x01", "truncated safetensors file"),
+        (struct.pack("<Q", 10**12) + b"{}", "exceeds the 100000000-byte limit"),
+        (struct.pack("<Q", 4) + b"{{{{", "corrupted safetensors header"),
+        (struct.pack("<Q", 2) + b"[]", "corrupted safetensors header"),
+        (
+            struct.pack("<Q", len(BAD_OFFSETS)) + BAD_OFFSETS,
+            "tensor 'a' ends at byte 77 but the file has 69 bytes",
+        ),
         (struct.pack("<Q", len(BAD_DTYPE)) + BAD_DTYPE, "bad header entry"),
+        # accepted by the reader of earlier versions, refused as the safetensors library refuses it
+        (struct.pack("<Q", len(BAD_OFFSETS)) + BAD_OFFSETS + bytes(12), "unaccounted trailing bytes"),
     ],
 )
 def test_corrupt_headers(tmp_path: Path, payload: bytes, match: str) -> None:

@@ -10,17 +10,18 @@ with the module's own names (`self_attn.q_proj.weight` ...). Besides `load`, a s
 
 from __future__ import annotations
 
-import json
 import logging
 import mmap
 import os
-import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from llm_sepweight import format as fmt
+from llm_sepweight.safetensors_file import Header
 
 log = logging.getLogger(__name__)
 
@@ -108,59 +109,23 @@ def as_source(source: Any) -> Any:
 
 # -- safetensors files, read directly -------------------------------------------------------------------------
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 class SafetensorsHeader:
-    """The header of a safetensors file: 8-byte little-endian length, then JSON; tensors follow."""
+    """The validated header of a safetensors file, read by llm_sepweight's one safetensors reader
+    (`llm_sepweight.safetensors_file.Header`: offsets tiling the data, shapes matching bytes, bounded size
+    and nesting; a bad file is a `SafetensorsError`, a `ValueError` naming the file and the tensor), with
+    byte ranges relative to the data buffer that follows it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
-                raise ValueError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
-            try:
-                meta = json.loads(f.read(n))
-            except ValueError as e:
-                raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-            if not isinstance(meta, dict):
-                raise ValueError(
-                    f"{path}: corrupt safetensors header (a JSON {type(meta).__name__}, not an object)"
-                )
-        self.data_start = 8 + n
-        self.data_bytes = size - self.data_start
-        self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, info in meta.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError, AttributeError):
-                raise ValueError(f"{path}: tensor {name!r} has a bad header entry {info!r}") from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if not 0 <= begin <= end <= self.data_bytes or end - begin != numel * dtype.itemsize:
-                raise ValueError(f"{path}: tensor {name!r} has data_offsets {begin, end} that do not fit")
-            self.tensors[name] = (dtype, shape, begin, end)
+        header = Header.read(path)
+        self.data_start = header.data_start
+        self.data_bytes = header.file_size - header.data_start
+        # name -> (dtype, shape, begin, end), begin/end relative to data_start
+        self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {
+            name: (t.dtype, t.shape, t.start - header.data_start, t.stop - header.data_start)
+            for name, t in header.tensors.items()
+        }
 
     def views(self, data: torch.Tensor, base: int) -> dict[str, torch.Tensor]:
         """Tensors as views into `data` (uint8), whose byte `base` is the first byte of the tensor data."""
@@ -210,9 +175,8 @@ class SepweightSource:
         self._checkpoint: Any = None
         if not self.path.is_dir():
             raise FileNotFoundError(f"SepweightSource: {self.path} is not a directory")
-        manifest = self.path / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text()).get("format") == "sepweight":
-            num_layers = int(json.loads(manifest.read_text())["num_layers"])
+        if fmt.is_sepweight_dir(self.path):
+            num_layers = int(fmt.read_manifest(self.path)["num_layers"])  # validated (ManifestError)
         else:
             self._checkpoint = _open_checkpoint(self.path)
             num_layers = int(self._checkpoint.num_layers)
@@ -235,7 +199,7 @@ class SepweightSource:
         return f"SepweightSource({str(self.path)!r})"
 
     def file(self, index: int) -> Path:
-        return self.path / f"mid.{self._layer(index):05d}.safetensors"
+        return self.path / fmt.mid_file(self._layer(index))
 
     def _layer(self, index: int) -> int:
         if not 0 <= index < len(self.layers):
@@ -315,11 +279,6 @@ def _map(path: Path, size: int) -> torch.Tensor:
 
 
 def _open_checkpoint(path: Path) -> Any:
-    try:
-        from llm_sepweight import Checkpoint
-    except ImportError as e:
-        raise ImportError(
-            f"{path} is not a sepweight directory (no manifest.json with format 'sepweight'); reading other "
-            "checkpoints needs llm-sepweight: pip install 'llm-offload[sepweight]'"
-        ) from e
+    from llm_sepweight import Checkpoint
+
     return Checkpoint(path)
