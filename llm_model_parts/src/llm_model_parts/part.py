@@ -56,9 +56,9 @@ class Part(nn.Module):
         family = get_family(config.model_type)
         self.embed_scale = family.embed_scale(config)
         with torch.device("meta"):
-            begin = _build_begin(family, config) if self.spec.begin else None
+            begin = family.build_begin(config) if self.spec.begin else None
             self.layers = nn.ModuleList(family.build_layer(config, i) for i in self.layer_indices)
-            end = _build_end(family, config) if self.spec.end else None
+            end = family.build_end(config) if self.spec.end else None
         # The sections' children are registered on the part under HF's names (`embed_tokens.weight`,
         # `norm.weight`, `lm_head.weight`, `wte.weight` ...); the section objects only wire them.
         for section in (begin, end):
@@ -295,20 +295,6 @@ class Part(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-
-def _build_begin(family: Any, config: ModelConfig) -> Begin:
-    if family.build_begin is not None:
-        begin: Begin = family.build_begin(config)
-        return begin
-    return Begin(config.vocab_size, config.hidden_size)
-
-
-def _build_end(family: Any, config: ModelConfig) -> End:
-    if family.build_end is not None:
-        end: End = family.build_end(config)
-        return end
-    return End(family.build_norm(config), config.hidden_size, config.vocab_size)
 
 
 def load_part(
