@@ -3,6 +3,9 @@
 Each module keeps its Python identity and its forward; only its weights change: at `offload` they are
 released to `meta` placeholders, before a forward the hook swaps in the device tensors the scheduler fetched
 (views into a preallocated slot on CUDA), after it the placeholders go back and the slot is free again.
+
+Longer than our usual 400 lines because the `Offload` handle, its hooks and the resident-layer plan share
+one piece of state (which module holds which slot) and read best side by side.
 """
 
 from __future__ import annotations
