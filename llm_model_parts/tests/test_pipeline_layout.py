@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PIPELINE = SRC / "llm_model_parts" / "pipeline"
@@ -120,3 +121,49 @@ def test_launcher_entry_points_parse_arguments() -> None:
         )
         assert result.returncode == 0, result.stderr[-2000:]
         assert "--plan" in result.stdout
+
+
+def test_stages_own_a_cache_per_micro_batch_and_leave_the_part_stateless() -> None:
+    """A one-process driver over a real tiny part (micro-batches, chunks, left padding, rewind, reset, packed)
+    gives the incremental forward_func's logits, and the Part itself never holds a cache."""
+    from parts_testlib import fixtures
+
+    from llm_model_parts import PipelineDriver, load_part
+    from llm_model_parts.pipeline import stage_from_part
+
+    part = load_part(fixtures.tiny_checkpoint("llama"), "f")
+    driver = PipelineDriver(stage_from_part(part, max_seq_len=32), world=1, micro_batches=2, prefill_chunk=3)
+    ref = part.as_forward_func(max_seq_len=32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, :2] = 0
+    torch.testing.assert_close(
+        driver(ids, attention_mask=mask), ref(ids, attention_mask=mask), atol=1e-5, rtol=0
+    )
+    for _ in range(3):
+        nxt = torch.randint(3, 200, (3, 1), generator=g)
+        mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+        torch.testing.assert_close(
+            driver(nxt, attention_mask=mask), ref(nxt, attention_mask=mask), atol=1e-5, rtol=0
+        )
+    assert driver.seq_len == ref.seq_len == 10
+    driver.rewind(2)
+    ref.rewind(2)
+    nxt = torch.randint(3, 200, (3, 1), generator=g)
+    mask = mask[:, :-1]
+    torch.testing.assert_close(
+        driver(nxt, attention_mask=mask), ref(nxt, attention_mask=mask), atol=1e-5, rtol=0
+    )
+    assert getattr(part, "cache", None) is None  # the deprecated per-part cache was never set up
+    driver.reset()
+    ref.reset()
+    ids = torch.randint(3, 200, (1, 5), generator=g)  # a new batch size after reset
+    torch.testing.assert_close(driver(ids), ref(ids), atol=1e-5, rtol=0)
+    packed = torch.randint(3, 200, (1, 3), generator=g)
+    pos = torch.tensor([[5, 6, 6]])
+    tree = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
+    torch.testing.assert_close(
+        driver.forward_packed(packed, pos, tree), ref.forward_packed(packed, pos, tree), atol=1e-5, rtol=0
+    )
+    assert driver.seq_len == ref.seq_len == 5
