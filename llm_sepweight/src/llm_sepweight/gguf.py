@@ -61,6 +61,10 @@ _CLASSES = {
 }
 
 
+_MISSING: Any = object()
+_MAX_INT = 1 << 40  # far above any real head count, width, layer count, vocabulary or context length
+
+
 class GGUFError(ValueError):
     """A GGUF file this converter cannot read (unknown architecture, tensor or quantization type)."""
 
@@ -88,7 +92,8 @@ def gguf_source(path: Path) -> Source:
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {sorted(_LAYER_NAMES)}"
         )
     names = {t.name for t in reader.tensors}
-    config = build_config(meta, names)
+    config = build_config(meta, names, str(path))
+    _check_tensors(path, reader.tensors, config, arch)
     tensors = []
     for t in reader.tensors:
         if _SKIPPED.match(t.name):
@@ -120,6 +125,24 @@ def _quant_type(gguf: Any, path: Path, t: Any) -> Any:
             f"{path}: tensor {t.name!r} has quantization type {qtype.name}, which gguf cannot dequantize"
         )
     return qtype
+
+
+def _check_tensors(path: Path, tensors: list[Any], config: dict[str, Any], arch: str) -> None:
+    """Layers inside block_count, and q/k rows that split into the heads the un-permutation needs."""
+    n_layers = config["num_hidden_layers"]
+    for t in tensors:
+        m = re.match(r"blk\.(\d+)\.", t.name)
+        if m and int(m.group(1)) >= n_layers:
+            raise GGUFError(
+                f"{path}: tensor {t.name!r} is past the {n_layers} layers of '{arch}.block_count'"
+            )
+        if arch in ("llama", "mistral") and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = config["num_attention_heads" if ".attn_q." in t.name else "num_key_value_heads"]
+            rows = int(t.shape[-1]) if t.shape else 0
+            if rows % (2 * heads):
+                raise GGUFError(
+                    f"{path}: tensor {t.name!r} has {rows} rows, not a whole number of {heads} heads of even size"
+                )
 
 
 def hf_tensor_name(arch: str, gguf_name: str) -> str:
@@ -166,68 +189,109 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
-def build_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
-    """An HF config.json (transformers 5 dialect) for the model the GGUF metadata describes."""
-    arch = str(meta["general.architecture"])
+def build_config(
+    meta: dict[str, Any], tensor_names: set[str], where: str = "<GGUF metadata>"
+) -> dict[str, Any]:
+    """An HF config.json (transformers 5 dialect) for the model the GGUF metadata describes.
 
-    def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
-
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    kv_heads = get("attention.head_count_kv", heads)
-    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // heads)
+    Every field is checked for its type and range first: `GGUFError` names `where` (the file) and the key.
+    """
+    arch = str(meta.get("general.architecture", ""))
+    m = _Meta(meta, arch, where)
+    heads = m.integer("attention.head_count")
+    hidden = m.integer("embedding_length")
+    kv_heads = m.integer("attention.head_count_kv", heads)
+    if heads % kv_heads:
+        raise m.error("attention.head_count_kv", f"{kv_heads} does not divide head_count {heads}")
+    head_dim = m.integer("attention.key_length", 0, minimum=0) or m.integer(
+        "rope.dimension_count", 0, minimum=0
+    )
+    if not head_dim:
+        if hidden % heads:
+            raise m.error("attention.head_count", f"{heads} does not divide embedding_length {hidden}")
+        head_dim = hidden // heads
     tokens = meta.get("tokenizer.ggml.tokens") or []
     config: dict[str, Any] = {
         "architectures": [_CLASSES[arch]],
         "model_type": _MODEL_TYPES.get(arch, arch),
-        "vocab_size": int(get("vocab_size") or len(tokens)),
+        "vocab_size": m.integer("vocab_size", len(tokens) if isinstance(tokens, list) else 0, minimum=0),
         "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": m.integer("feed_forward_length"),
+        "num_hidden_layers": m.integer("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(kv_heads if not isinstance(kv_heads, list) else max(kv_heads)),
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": m.integer("context_length", 2048),
+        "rms_norm_eps": m.number("attention.layer_norm_rms_epsilon", 1e-6),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "dtype": "float32",
     }
-    if "tokenizer.ggml.unknown_token_id" in meta:
-        config["unk_token_id"] = int(meta["tokenizer.ggml.unknown_token_id"])
     for key, meta_key in (
+        ("unk_token_id", "unknown_token_id"),
         ("bos_token_id", "bos_token_id"),
         ("eos_token_id", "eos_token_id"),
         ("pad_token_id", "padding_token_id"),
     ):
         if f"tokenizer.ggml.{meta_key}" in meta:
-            config[key] = int(meta[f"tokenizer.ggml.{meta_key}"])
-    rope = _rope_parameters(get)
+            config[key] = m.integer(f"tokenizer.ggml.{meta_key}", minimum=0, prefixed=False)
+    rope = _rope_parameters(m)
     if arch == "gemma3":
-        config.update(_gemma3_fields(config, rope, get))
+        config.update(_gemma3_fields(config, rope, m))
     else:
         config["hidden_act"] = "silu"
         config["rope_parameters"] = rope
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         if arch in ("llama", "mistral"):
             config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_names
-        if arch in ("mistral", "qwen2", "qwen3") and get("attention.sliding_window"):
-            config["sliding_window"] = int(get("attention.sliding_window"))
+        if arch in ("mistral", "qwen2", "qwen3") and m.get("attention.sliding_window"):
+            config["sliding_window"] = m.integer("attention.sliding_window")
     return dict(sorted(config.items()))
 
 
-def _rope_parameters(get: Callable[..., Any]) -> dict[str, Any]:
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0))}
-    kind = get("rope.scaling.type")
-    if kind in ("linear", "yarn") and get("rope.scaling.factor"):
+class _Meta:
+    """Typed, range-checked access to `<arch>.<key>` metadata, errors naming the file and the key."""
+
+    def __init__(self, meta: dict[str, Any], arch: str, where: str) -> None:
+        self.meta, self.arch, self.where = meta, arch, where
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def error(self, key: str, why: str, prefixed: bool = True) -> GGUFError:
+        name = f"{self.arch}.{key}" if prefixed else key
+        return GGUFError(f"{self.where}: GGUF metadata {name!r}: {why}")
+
+    def integer(self, key: str, default: Any = _MISSING, *, minimum: int = 1, prefixed: bool = True) -> int:
+        value = self.meta.get(f"{self.arch}.{key}" if prefixed else key, default)
+        if value is _MISSING or value is None:
+            raise self.error(key, "missing (needed to build config.json)", prefixed)
+        if isinstance(value, list) and value and all(v == value[0] for v in value):
+            value = value[0]  # a per-layer list with one value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {type(value).__name__} {value!r:.60}", prefixed)
+        if not minimum <= value <= _MAX_INT:
+            raise self.error(key, f"{value} is outside {minimum}..{_MAX_INT}", prefixed)
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+            raise self.error(key, f"expected a positive finite number, got {value!r:.60}")
+        return float(value)
+
+
+def _rope_parameters(m: _Meta) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": m.number("rope.freq_base", 10000.0)}
+    kind = m.get("rope.scaling.type")
+    if kind in ("linear", "yarn") and m.get("rope.scaling.factor"):
         rope["rope_type"] = kind
-        rope["factor"] = float(get("rope.scaling.factor"))
-        if get("rope.scaling.original_context_length"):
-            rope["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+        rope["factor"] = m.number("rope.scaling.factor", 1.0)
+        if m.get("rope.scaling.original_context_length"):
+            rope["original_max_position_embeddings"] = m.integer("rope.scaling.original_context_length")
     return rope
 
 
-def _gemma3_fields(config: dict[str, Any], rope: dict[str, Any], get: Callable[..., Any]) -> dict[str, Any]:
+def _gemma3_fields(config: dict[str, Any], rope: dict[str, Any], m: _Meta) -> dict[str, Any]:
     n = config["num_hidden_layers"]
     pattern = 6  # llama.cpp's gemma3: every sixth layer attends globally
     scalar = config["head_dim"]
@@ -236,7 +300,7 @@ def _gemma3_fields(config: dict[str, Any], rope: dict[str, Any], get: Callable[.
     return {
         "hidden_activation": "gelu_pytorch_tanh",
         "query_pre_attn_scalar": scalar,
-        "sliding_window": int(get("attention.sliding_window", 512)),
+        "sliding_window": m.integer("attention.sliding_window", 512),
         "layer_types": [
             "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)
         ],

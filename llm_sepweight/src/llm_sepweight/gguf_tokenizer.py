@@ -10,10 +10,18 @@ from the same metadata (its GGUF tokenizer loader is the reference the tests com
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from llm_sepweight.gguf import GGUFError
+
+logger = logging.getLogger(__name__)
+
 _CONTROL, _USER_DEFINED = 3, 4
+# Merges are recovered only for tokens up to this many characters (real sentencepiece tokens stay under 100):
+# every split of a token of n characters costs O(n) to look up, so one enormous token would cost O(n^2).
+MAX_MERGE_TOKEN = 512
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -52,7 +60,11 @@ def bytes_to_unicode() -> dict[int, str]:
 def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
     """BPE merges implied by a sentencepiece vocabulary: every split of a token into two tokens, best score first."""
     merges: list[tuple[str, str, float]] = []
+    long_tokens = 0
     for token, score in scores.items():
+        if len(token) > MAX_MERGE_TOKEN:
+            long_tokens += 1
+            continue
         local = [
             (token[:i], token[i:], score)
             for i in range(1, len(token))
@@ -60,6 +72,8 @@ def generate_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tup
         ]
         local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
         merges.extend(local)
+    if long_tokens:
+        logger.warning("%d tokens longer than %d characters get no merges", long_tokens, MAX_MERGE_TOKEN)
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]
 
@@ -175,7 +189,8 @@ def build_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     for name, token in named.items():
         if token is not None:
             config[name] = token
-            added.setdefault(vocab[token], _added(vocab[token], token, True))
+            if token in vocab:
+                added.setdefault(vocab[token], _added(vocab[token], token, True))
     config["add_bos_token"], config["add_eos_token"] = add_bos, add_eos
     if meta.get("tokenizer.chat_template"):
         config["chat_template"] = meta["tokenizer.chat_template"]
@@ -253,11 +268,10 @@ def _sentencepiece_decoders() -> list[dict[str, Any]]:
 
 def tokenizer_files(meta: dict[str, Any], path: Path) -> dict[str, bytes]:
     """The tokenizer files of a GGUF (empty, with a log line, when it carries no tokenizer)."""
-    import logging
-
     if "tokenizer.ggml.tokens" not in meta:
-        logging.getLogger(__name__).warning("%s: no tokenizer in the GGUF metadata", path)
+        logger.warning("%s: no tokenizer in the GGUF metadata", path)
         return {}
+    check_tokenizer_metadata(meta, str(path))
     tokenizer, config = build_tokenizer(meta)
     out = {
         "tokenizer.json": json.dumps(tokenizer, ensure_ascii=False, indent=None).encode(),
@@ -275,3 +289,49 @@ def tokenizer_files(meta: dict[str, Any], path: Path) -> dict[str, bytes]:
     if generation:
         out["generation_config.json"] = (json.dumps(generation, indent=1) + "\n").encode()
     return out
+
+
+_LISTS: dict[str, type | tuple[type, ...]] = {
+    "tokens": str,
+    "merges": str,
+    "scores": (int, float),
+    "token_type": int,
+}
+_IDS = ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id")
+
+
+def check_tokenizer_metadata(meta: dict[str, Any], where: str) -> None:
+    """The types and lengths `build_tokenizer` relies on; `GGUFError` naming `where` and the key."""
+
+    def bad(key: str, why: str) -> GGUFError:
+        return GGUFError(f"{where}: GGUF metadata 'tokenizer.ggml.{key}': {why}")
+
+    if meta.get("tokenizer.ggml.model") not in ("gpt2", "llama"):
+        raise bad("model", f"{meta.get('tokenizer.ggml.model')!r:.60}; supported: 'gpt2', 'llama'")
+    for key, kind in _LISTS.items():
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is None and key != "tokens":
+            continue
+        if not isinstance(value, list) or not all(
+            isinstance(v, kind) and not isinstance(v, bool) for v in value
+        ):
+            raise bad(key, f"expected a list of {getattr(kind, '__name__', 'numbers')}")
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not tokens:
+        raise bad("tokens", "empty vocabulary")
+    for key in ("scores", "token_type"):
+        if key in _present(meta) and len(meta[f"tokenizer.ggml.{key}"]) != len(tokens):
+            raise bad(key, f"{len(meta[f'tokenizer.ggml.{key}'])} entries for {len(tokens)} tokens")
+    gemma = str(meta.get("general.architecture", "")).startswith("gemma")
+    if meta["tokenizer.ggml.model"] == "llama" and not _present(meta) & {"merges", "scores"} and not gemma:
+        raise bad("scores", "missing: a sentencepiece vocabulary without merges needs its scores")
+    if any(len(m.split(" ")) != 2 for m in meta.get("tokenizer.ggml.merges") or []):
+        raise bad("merges", "every merge must be two tokens separated by one space")
+    for key in _IDS:
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise bad(key, f"expected a token id, got {value!r:.60}")
+
+
+def _present(meta: dict[str, Any]) -> set[str]:
+    return {key for key in _LISTS if meta.get(f"tokenizer.ggml.{key}") is not None}
