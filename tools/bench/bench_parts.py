@@ -109,12 +109,12 @@ def saved_and_reloaded(part, path: Path):  # type: ignore[no-untyped-def]
     return fresh
 
 
-def greedy_compiled(part, ids: torch.Tensor, n: int, decoder=None):  # type: ignore[no-untyped-def]
+def greedy_compiled(part, ids: torch.Tensor, n: int, decoder=None, capacity: int = 0):  # type: ignore[no-untyped-def]
     """Prefill eagerly, then n - 1 compiled decode steps; -> tokens, seconds, the decoder (reuse it)."""
     from llm_model_parts.compiled import CompiledDecoder
 
     if decoder is None:
-        decoder = CompiledDecoder(part, part.new_cache(1, ids.shape[1] + n + 8))
+        decoder = CompiledDecoder(part, part.new_cache(1, max(capacity, ids.shape[1] + n + 8)))
     decoder.cache.reset()
     t0 = time.perf_counter()
     tok = part(ids, decoder.cache)[:, -1:].argmax(-1)
@@ -168,7 +168,7 @@ def main() -> None:
         greedy_ours(ff_saved, prompt, 4)
         greedy_hf(hf, prompt, 4)
         t0 = time.perf_counter()
-        _, _, decoder = greedy_compiled(part, prompt, 4)
+        _, _, decoder = greedy_compiled(part, prompt, 4, capacity=prompt.shape[1] + new_tokens + 8)
         compile_s = time.perf_counter() - t0
         hf(prefill_ids)
         ff.reset()
