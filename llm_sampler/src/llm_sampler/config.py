@@ -7,7 +7,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from llm_sampler import chain as C
 from llm_sampler import processors as P
+from llm_sampler import samplers as S
 
 
 def _check(ok: bool, name: str, expected: str, value: Any) -> None:
@@ -57,6 +59,26 @@ class SamplingConfig:
     num_return_sequences: int = 1
     return_logprobs: bool = False
     logits_processors: Sequence[P.LogitsProcessor] = field(default_factory=list)
+    # llama.cpp's samplers (llm_sampler.samplers), every one off by default
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: Sequence[str] = field(default_factory=lambda: ["\n", ":", '"', "*"])
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    top_n_sigma: float = -1.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    top_h: float | None = None
+    samplers: str | Sequence[str] | None = None  # llm_sampler.chain: None = transformers' order
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_strings, str):  # one stop string, not a list of its characters
+            self.stop_strings = [self.stop_strings]
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any]) -> SamplingConfig:
@@ -166,14 +188,73 @@ class SamplingConfig:
                 raise ValueError(
                     "stop_strings needs decode= (a function list[int] -> str, e.g. tokenizer.decode)"
                 )
-        seed_ok = (
-            self.seed is None
-            or _is_int(self.seed)
-            or (isinstance(self.seed, Sequence) and all(_is_int(s) for s in self.seed))
+        seeds = [] if self.seed is None else [self.seed] if not isinstance(self.seed, Sequence) else self.seed
+        seed_ok = not isinstance(self.seed, (str, bytes)) and all(
+            _is_int(s) and 0 <= s < 2**64 for s in seeds
         )
-        _check(seed_ok, "seed", "None, an int or a list of ints (one per prompt)", self.seed)
+        _check(seed_ok, "seed", "None, an int in [0, 2**64) or a list of them (one per prompt)", self.seed)
+        for name in ("penalize_prompt", "return_logprobs"):
+            _check(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
+        _check(self.decode is None or callable(self.decode), "decode", "None or a callable", self.decode)
+        self._validate_llama_cpp()
+        C.resolve(self.samplers)
         for i, p in enumerate(self.logits_processors):
             _check(callable(p), f"logits_processors[{i}]", "a callable (input_ids, scores) -> scores", p)
+
+    def _validate_llama_cpp(self) -> None:
+        def num(name: str, ok: Callable[[float], bool], expected: str) -> None:
+            v = getattr(self, name)
+            _check(_is_num(v) and math.isfinite(v) and ok(v), name, expected, v)
+
+        num("dry_multiplier", lambda v: v >= 0, "a float >= 0 (0 = off)")
+        num("dry_base", lambda v: v >= 1, "a float >= 1")
+        for name in ("dry_allowed_length", "dry_penalty_last_n", "mirostat"):
+            _check(_is_int(getattr(self, name)), name, "an int", getattr(self, name))
+        _check(self.dry_allowed_length >= 1, "dry_allowed_length", "an int >= 1", self.dry_allowed_length)
+        _check(
+            self.dry_penalty_last_n >= -1,
+            "dry_penalty_last_n",
+            "-1 (all) or an int >= 0",
+            self.dry_penalty_last_n,
+        )
+        breakers = self.dry_sequence_breakers
+        ok = not isinstance(breakers, str) and all(isinstance(b, str) and b for b in breakers)
+        _check(ok, "dry_sequence_breakers", "a list of non-empty strings", breakers)
+        if self.dry_multiplier and breakers and self.decode is None:
+            raise ValueError(
+                "dry_sequence_breakers needs decode= (e.g. tokenizer.decode) to find the breaker tokens; "
+                "pass dry_sequence_breakers=[] for none"
+            )
+        num("xtc_probability", lambda v: 0 <= v <= 1, "a float in [0, 1] (0 = off)")
+        num("xtc_threshold", lambda v: 0 <= v <= 1, "a float in [0, 1]")
+        num("top_n_sigma", lambda v: v > 0 or v == -1, "-1 (off) or a float > 0")
+        _check(self.mirostat in (0, 1, 2), "mirostat", "0 (off), 1 or 2", self.mirostat)
+        num("mirostat_tau", lambda v: v > 0, "a float > 0")
+        num("mirostat_eta", lambda v: v > 0, "a float > 0")
+        num("dynatemp_range", lambda v: v >= 0, "a float >= 0 (0 = off)")
+        num("dynatemp_exponent", lambda v: v > 0, "a float > 0")
+        v = self.top_h
+        _check(v is None or (_is_num(v) and 0 < v <= 1), "top_h", "None or a float in (0, 1]", v)
+        if self.mirostat and self.greedy:
+            raise ValueError("mirostat samples: it needs temperature > 0")
+
+    def llama_cpp_processors(self) -> list[P.LogitsProcessor]:
+        """Full-vocabulary processors after the token processors and before top-k: DRY, top-nσ."""
+        out: list[P.LogitsProcessor] = []
+        if self.dry_multiplier:
+            breakers = S.dry.BreakerTable(self.dry_sequence_breakers, self.decode)
+            out.append(
+                S.DRY(
+                    self.dry_multiplier,
+                    self.dry_base,
+                    self.dry_allowed_length,
+                    self.dry_penalty_last_n,
+                    breakers,
+                )
+            )
+        if self.top_n_sigma > 0:
+            out.append(S.TopNSigma(self.top_n_sigma))
+        return out
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids in the parameters must exist in the model's vocabulary."""
@@ -184,16 +265,16 @@ class SamplingConfig:
             if t >= vocab_size:
                 raise ValueError(f"{name} holds token id {t}, outside the vocabulary of {vocab_size} tokens")
 
-    def token_processors(self, prompt_len: int) -> list[P.LogitsProcessor]:
+    def token_processors(self, prompt_len: int, penalties: bool = True) -> list[P.LogitsProcessor]:
         """Processors that need the token ids, in the documented order (see `llm_sampler.processors`)."""
         out: list[P.LogitsProcessor] = []
         if self.logit_bias:
             out.append(P.LogitBias(self.logit_bias))
-        if self.repetition_penalty != 1.0:
+        if penalties and self.repetition_penalty != 1.0:
             out.append(
                 P.RepetitionPenalty(self.repetition_penalty, 0 if self.penalize_prompt else prompt_len)
             )
-        if self.presence_penalty or self.frequency_penalty:
+        if penalties and (self.presence_penalty or self.frequency_penalty):
             out.append(P.PresenceFrequencyPenalty(self.presence_penalty, self.frequency_penalty, prompt_len))
         if self.no_repeat_ngram_size:
             out.append(P.NoRepeatNGram(self.no_repeat_ngram_size))
@@ -217,4 +298,8 @@ class SamplingConfig:
             out.append(P.EpsilonCutoff(self.epsilon_cutoff))
         if self.eta_cutoff:
             out.append(P.EtaCutoff(self.eta_cutoff))
+        if self.top_h is not None:
+            out.append(S.TopH(self.top_h))
+        if self.xtc_probability:
+            out.append(S.XTC(self.xtc_probability, self.xtc_threshold))
         return out

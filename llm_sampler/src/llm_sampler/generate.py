@@ -50,6 +50,7 @@ def make_seeds(seed: Any, batch: int, n: int, device: torch.device) -> torch.Ten
         raise ValueError(
             f"seed has {len(per_prompt)} values for {batch} prompts: give one per prompt or one int"
         )
+    per_prompt = [s - 2**64 if s >= 2**63 else s for s in per_prompt]  # the same 64 bits, as int64
     seeds = torch.tensor(per_prompt, dtype=torch.long)[:, None] + torch.arange(n)[None, :]
     return seeds.reshape(-1).to(device)
 
@@ -136,6 +137,11 @@ def _decode(
         logits = last_logits(caller(ids, mask), batch)
         if step == 0:
             config.check_vocab(logits.shape[-1])
+            if int(ids.max()) >= logits.shape[-1]:
+                raise ValueError(
+                    f"input_ids holds token id {int(ids.max())}, outside the vocabulary of "
+                    f"{logits.shape[-1]} tokens the forward_func returned"
+                )
         sel = selector(ids, logits, step)
         bad, empty = torch.stack(
             [(sel.bad_logits & ~finished).any(), (sel.nothing_left & ~finished).any()]

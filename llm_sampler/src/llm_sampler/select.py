@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from llm_sampler import chain as C
 from llm_sampler import processors as P
 from llm_sampler import rng
+from llm_sampler import samplers as S
 from llm_sampler.config import SamplingConfig
 
 
@@ -30,9 +32,25 @@ class TokenSelector:
 
     def __init__(self, config: SamplingConfig, prompt_len: int, seeds: torch.Tensor | None = None) -> None:
         self.config = config
-        self.token_processors = config.token_processors(prompt_len)
-        self.warpers = config.warpers()
+        names = C.resolve(config.samplers)
+        self.chain = None if names is None else C.Chain(config, names, prompt_len)
+        if self.chain is None:
+            self.token_processors = config.token_processors(prompt_len) + config.llama_cpp_processors()
+            self.warpers = config.warpers()
+        else:  # the bans first, then the chain (llm_sampler.chain)
+            self.token_processors = config.token_processors(prompt_len, penalties=False)
+            self.warpers = self.chain.processors()
+            if config.greedy:
+                self.token_processors += self.chain.token_steps()
         self.seeds = seeds
+        self.dynatemp = None
+        if config.dynatemp_range > 0:
+            self.dynatemp = S.DynamicTemperature(
+                config.temperature, config.dynatemp_range, config.dynatemp_exponent
+            )
+        self.mirostat = (
+            S.Mirostat(config.mirostat, config.mirostat_tau, config.mirostat_eta) if config.mirostat else None
+        )
 
     def process(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary processed scores (token processors, temperature, top-k, warpers): for tests and
@@ -50,11 +68,17 @@ class TokenSelector:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (values, token ids of the values or None for the whole vocabulary)."""
         cfg = self.config
+        if self.chain is not None and self.mirostat is None:
+            return self.chain(input_ids, scores)
         idx = None
-        if cfg.top_k is not None and cfg.top_k < scores.shape[-1]:
+        if cfg.top_k is not None and cfg.top_k < scores.shape[-1] and self.mirostat is None:
             scores, idx = torch.topk(scores, cfg.top_k)  # temperature is monotonic: same top k after it
-        if cfg.temperature != 1.0:
+        if self.dynatemp is not None:
+            scores = self.dynatemp(input_ids, scores)
+        elif cfg.temperature != 1.0:
             scores = scores / cfg.temperature
+        if self.mirostat is not None:  # as llama.cpp: temperature, then mirostat alone
+            return self.mirostat.truncate(scores), idx
         return P.apply(self.warpers, input_ids, scores), idx
 
     def __call__(self, input_ids: torch.Tensor, logits: torch.Tensor, step: int) -> Selection:
@@ -69,9 +93,14 @@ class TokenSelector:
             if self.config.return_logprobs:
                 logprobs = scores.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
             return Selection(tokens, logprobs, bad, nothing)
-        vals, idx = self._warp(input_ids, scores)
         keys = None if self.seeds is None else rng.row_keys(self.seeds, step)
+        for w in self.warpers:
+            if isinstance(w, S.XTC):
+                w.keys = keys
+        vals, idx = self._warp(input_ids, scores)
         choice = (vals + rng.gumbel(keys, idx, vals)).argmax(-1, keepdim=True)  # (B, 1)
+        if self.mirostat is not None:
+            self.mirostat.update(vals, choice[:, 0])
         tokens = choice if idx is None else idx.gather(1, choice)
         nothing = vals.gather(1, choice)[:, 0] == P.NEG_INF
         logprobs = vals.log_softmax(-1).gather(1, choice)[:, 0] if self.config.return_logprobs else None

@@ -62,6 +62,12 @@ def speculative_sample(
     config = SamplingConfig.from_kwargs(params)
     if config.num_return_sequences != 1:
         raise ValueError("speculative decoding takes num_return_sequences=1")
+    if config.mirostat or config.xtc_probability:
+        name = "mirostat" if config.mirostat else "xtc_probability"
+        raise ValueError(
+            f"speculative decoding does not support {name}: its distribution changes per step "
+            "(a random coin or a state), so draft tokens cannot be verified against it"
+        )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     ids, _ = as_batch(input_ids, None)

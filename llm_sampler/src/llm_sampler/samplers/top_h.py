@@ -1,0 +1,25 @@
+"""Top-H (Potraghloo et al., NeurIPS 2025) exactly as transformers' `TopHLogitsWarper`."""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+TOP_N = 100  # transformers' cap on the tokens considered
+
+
+class TopH:
+    """Keep the most likely tokens, in order, while their cumulative entropy terms stay <= top_h * H(top 100)."""
+
+    def __init__(self, top_h: float) -> None:
+        self.top_h = top_h
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        top_logits, top_idx = torch.topk(scores, min(TOP_N, scores.shape[-1]), dim=-1)
+        logp = top_logits.log_softmax(-1)
+        terms = -(logp.exp() * logp).nan_to_num(0.0)  # 0 * -inf = 0, as torch.distributions does
+        tau = terms.sum(-1, keepdim=True) * self.top_h
+        keep_sorted = terms.cumsum(-1) <= tau
+        keep_sorted[:, 0] = True
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top_idx, keep_sorted)
+        return scores.masked_fill(~keep, NEG_INF)
