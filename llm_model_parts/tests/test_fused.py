@@ -145,17 +145,18 @@ def test_load_part_owns_its_memory() -> None:
     assert not any(p.data_ptr() in ptrs for p in part.parameters())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 16, 17, 40, 64, 65, 130])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_equals_f_linear_for_any_rows(rows: int, bias: bool) -> None:
-    weight = torch.randn(48, 24)
-    b = torch.randn(48) if bias else None
-    x = torch.randn(rows, 1, 24)
-    want = torch.nn.functional.linear(x, weight, b)
-    for w in (weight, weight.t().contiguous().t()):  # row-major, and a strided weight someone passes
-        got = linear(x, w, b)
-        assert got.shape == want.shape and got.is_contiguous()
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for out in (48, 400):  # an ordinary projection, and a head far wider than its input
+        weight = torch.randn(out, 24)
+        b = torch.randn(out) if bias else None
+        x = torch.randn(rows, 1, 24)
+        want = torch.nn.functional.linear(x, weight, b)
+        for w in (weight, weight.t().contiguous().t()):  # row-major, and a strided weight someone passes
+            got = linear(x, w, b)
+            assert got.shape == want.shape and got.is_contiguous()
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 def test_bf16_parts_compute_like_their_fp32_selves() -> None:
