@@ -16,10 +16,12 @@ class TopH:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         top_logits, top_idx = torch.topk(scores, min(TOP_N, scores.shape[-1]), dim=-1)
-        logp = top_logits.log_softmax(-1)
-        terms = -(logp.exp() * logp).nan_to_num(0.0)  # 0 * -inf = 0, as torch.distributions does
-        tau = terms.sum(-1, keepdim=True) * self.top_h
-        keep_sorted = terms.cumsum(-1) <= tau
+        # the same float operations as transformers (torch.distributions.Categorical), so ties break alike
+        logp = top_logits - top_logits.logsumexp(-1, keepdim=True)
+        probs = logp.softmax(-1)
+        entropy = -(logp.clamp(min=torch.finfo(logp.dtype).min) * probs).sum(-1, keepdim=True)
+        terms = -probs * torch.log(probs)
+        keep_sorted = terms.cumsum(-1) <= entropy * self.top_h
         keep_sorted[:, 0] = True
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, top_idx, keep_sorted)
         return scores.masked_fill(~keep, NEG_INF)
