@@ -75,6 +75,12 @@ class SamplingConfig:
     dynatemp_exponent: float = 1.0
     top_h: float | None = None
     samplers: str | Sequence[str] | None = None  # llm_sampler.chain: None = transformers' order
+    # structured output (llm_sampler.structured, the extra llm-sampler[structured]): one of these
+    json_schema: Any = None
+    regex: str | None = None
+    choices: Sequence[str] | None = None
+    grammar: str | None = None
+    tokenizer: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):  # one stop string, not a list of its characters

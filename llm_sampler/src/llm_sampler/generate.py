@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from llm_sampler import structured
 from llm_sampler.config import SamplingConfig
 from llm_sampler.forward import Caller, ForwardFunc, as_batch, last_logits
 from llm_sampler.select import TokenSelector
@@ -125,6 +126,10 @@ def _decode(
         logger.warning(
             "prompts are left-padded but forward_func takes no attention_mask: padding is attended to"
         )
+    constraint = None
+    text = structured.grammar_text(config.json_schema, config.regex, config.choices, config.grammar)
+    if text is not None:
+        constraint = structured.Constraint(text[0], text[1], config.tokenizer, batch)
     selector = TokenSelector(config, prompt_len, make_seeds(config.seed, batch // n, n, ids.device))
     stop = StopChecker(config, prompt_len, ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
@@ -134,7 +139,11 @@ def _decode(
         if deadline is not None and time.monotonic() > deadline:
             logger.info("max_time of %.3fs reached after %d new tokens", config.max_time, step)
             break
+        if constraint is not None:
+            constraint.start()  # the mask is computed while forward_func runs
         logits = last_logits(caller(ids, mask), batch)
+        if constraint is not None:
+            logits = constraint.apply(logits)
         if step == 0:
             config.check_vocab(logits.shape[-1])
             if int(ids.max()) >= logits.shape[-1]:
@@ -160,10 +169,15 @@ def _decode(
         ids = torch.cat([ids, tokens[:, None]], 1)
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        finished = stop(ids, tokens, finished)
+        finished_now = stop(ids, tokens, finished)
+        if constraint is not None:
+            finished_now |= constraint.advance(tokens, finished)
+        finished = finished_now
         yield Step(tokens, logprobs, finished)
         if bool(finished.all()):
             break
+    if constraint is not None:
+        constraint.close()
 
 
 def sample(
