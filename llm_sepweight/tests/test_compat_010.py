@@ -341,3 +341,50 @@ def test_difference_to_dict_with_layers_not_loaded_raises(sw: Path) -> None:
 def test_difference_get_filenames_f_needs_num_layers() -> None:
     with pytest.raises(ValueError, match="num_layers"):
         llm_sepweight.get_filenames("f")  # 0.10 returned begin and end only
+
+
+# --- the same behaviours, asked of the original 0.10 wheel (in its own process) -------------------------
+
+_ASK_ORIGINAL = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import llm_sepweight
+from llm_sepweight.part_state_dict import PartSpec, PartStateDict
+assert llm_sepweight.__version__ == "0.10.0", llm_sepweight.__file__
+specs = {}
+for text in json.loads(sys.argv[2]):
+    s = PartSpec.from_string(text)
+    specs[text] = [s.begin, [[r.start, r.stop] for r in s.mid], s.end, s.is_full]
+layers = {i: {"w": torch.tensor([float(i)])} for i in [*range(5), *range(30, 35)]}
+flat = PartStateDict(begin=None, mid=layers, main_range=range(0, 5), end=None).to_dict(range(30, 35))
+print(json.dumps({"specs": specs, "to_dict": {k: float(v) for k, v in flat.items()}}))
+"""
+_ASKED = ["b", "e", "b 0-5", "55-60 e", "0-5 50-55", "5-10 15-20 25-30", "f", "0-5 5-10"]
+
+
+def test_same_answers_as_the_original_wheel() -> None:
+    import json
+    import subprocess
+    import sys
+
+    import fixtures
+
+    try:
+        original = fixtures.original_package("llm-sepweight==0.10.0")
+    except Exception as e:  # no network and no cached wheel
+        pytest.skip(f"the original 0.10 wheel is not available: {e}")
+    done = subprocess.run(
+        [sys.executable, "-c", _ASK_ORIGINAL, str(original), json.dumps(_ASKED)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    theirs = json.loads(done.stdout)
+    for text in _ASKED:
+        s = PartSpec.from_string(text)
+        assert [s.begin, [[r.start, r.stop] for r in s.mid], s.end, s.is_full] == theirs["specs"][text], text
+    layers = {i: {"w": torch.tensor([float(i)])} for i in [*range(5), *range(30, 35)]}
+    ours = PartStateDict(None, layers, range(0, 5), None).to_dict(range(30, 35))
+    assert {k: float(v) for k, v in ours.items()} == theirs["to_dict"]
