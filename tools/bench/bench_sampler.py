@@ -1,4 +1,7 @@
-"""One sampling step: repetition penalty 1.1, temperature 0.8, top-k 50, top-p 0.9; batch 32, vocabulary
+"""Also: DRY + top-nσ + min-p + XTC + temperature (llama.cpp's chain) against the same chain as transformers
+LogitsProcessors, and the cost of a constraint's token mask on a SmolLM2 decode step.
+
+One sampling step: repetition penalty 1.1, temperature 0.8, top-k 50, top-p 0.9; batch 32, vocabulary
 151,936 (Qwen-sized), fp32, CPU. transformers' LogitsProcessorList + softmax + multinomial against
 llm_sampler's TokenSelector, side by side in one process. Before timing, the bench asserts that both give
 the same distribution (the probabilities after all processors, compared token by token).
@@ -65,6 +68,129 @@ def timeit(fn: Callable[[], object], repeat: int) -> list[float]:
     return times
 
 
+LLAMA_SETTINGS = dict(
+    dry_multiplier=0.8, dry_sequence_breakers=[], xtc_probability=1.0, xtc_threshold=0.001,
+    top_n_sigma=2.0, min_p=0.05, temperature=0.8,
+)  # fmt: skip
+
+
+class RefDRY:
+    """DRY as a transformers LogitsProcessor, the way text-generation-webui writes it (a loop per row)."""
+
+    def __init__(self, multiplier: float, base: float = 1.75, allowed: int = 2) -> None:
+        self.m, self.b, self.a = multiplier, base, allowed
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for r, row in enumerate(input_ids.tolist()):
+            t, best = len(row), {}
+            for j in range(1, t):
+                k = 0
+                while k < j and row[j - 1 - k] == row[t - 1 - k]:
+                    k += 1
+                if k >= self.a:
+                    best[row[j]] = max(best.get(row[j], 0), k)
+            for tok, k in best.items():
+                scores[r, tok] -= self.m * self.b ** (k - self.a)
+        return scores
+
+
+class RefTopNSigma:
+    def __init__(self, n: float) -> None:
+        self.n = n
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        for r in range(scores.shape[0]):
+            fin = scores[r][scores[r].isfinite()]
+            out[r][scores[r] < fin.max() - self.n * fin.std(unbiased=False)] = float("-inf")
+        return out
+
+
+class RefXTC:
+    def __init__(self, threshold: float) -> None:
+        self.t = threshold
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        probs = scores.softmax(-1)
+        for r in range(scores.shape[0]):
+            above = (probs[r] >= self.t).nonzero()[:, 0]
+            if len(above) >= 2:
+                least = above[probs[r, above].argmin()]
+                out[r, above[above != least]] = float("-inf")
+        return out
+
+
+def llama_chain(args: argparse.Namespace, repeat: int) -> dict[str, float]:
+    """DRY + top-nσ + min-p + XTC + temperature (llama.cpp's order) against the same chain as LogitsProcessors."""
+    import transformers as T
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(args.batch, args.vocab, generator=g) * 3
+    ids = torch.randint(0, 50, (args.batch, args.prompt_len), generator=g)  # repeats for DRY to find
+    ref = T.LogitsProcessorList(
+        [
+            RefDRY(0.8),
+            RefTopNSigma(2.0),
+            T.MinPLogitsWarper(0.05),
+            RefXTC(0.001),
+            T.TemperatureLogitsWarper(0.8),
+        ]
+    )
+    config = SamplingConfig.from_kwargs({**LLAMA_SETTINGS, "samplers": "llama.cpp"})
+    selector = TokenSelector(config, prompt_len=args.prompt_len)
+    ours_p, ref_p = selector.process(ids, logits).softmax(-1), ref(ids, logits).softmax(-1)
+    diff = float((ours_p - ref_p).abs().max())
+    assert diff < 1e-5, f"llama.cpp chain: distributions differ by {diff}"
+
+    def ref_step() -> torch.Tensor:
+        return torch.multinomial(ref(ids, logits).softmax(-1), 1)
+
+    with torch.inference_mode():
+        t_ref = statistics.median(timeit(ref_step, max(1, repeat // 4))) * 1e3
+        t_ours = statistics.median(timeit(lambda: selector(ids, logits, 0).tokens, repeat)) * 1e3
+    print(f"\nllama.cpp chain, batch {args.batch}, vocab {args.vocab:,}: {LLAMA_SETTINGS}")
+    print(f"same distribution: max |dp| = {diff:.2e}")
+    print(f"{'transformers-style LogitsProcessors':<42} {t_ref:10.2f} {1.0:8.2f}")
+    print(f"{'llm_sampler samplers=llama.cpp':<42} {t_ours:10.2f} {t_ref / t_ours:8.2f}")
+    return {"chain_max_abs_prob_diff": diff, "chain_reference_ms": t_ref, "chain_ours_ms": t_ours,
+            "chain_speedup": t_ref / t_ours}  # fmt: skip
+
+
+def constraint_cost(tokens: int) -> dict[str, float]:
+    """ms per SmolLM2-135M decode token on the CPU, with and without a constraint (mask in a thread)."""
+    import sys
+
+    sys.path.insert(0, str(HERE.parent))
+    import fixtures
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_sampler import IncrementalHF, generate
+
+    path = fixtures.real_checkpoint("smollm2")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = [tok("Write a long list of words:").input_ids]
+    schema = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string"}}}}
+    runs = {"none": {}, "regex": {"regex": "[a-z ]{400}"}, "json_schema": {"json_schema": schema}}
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, params in runs.items():
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                g = generate(IncrementalHF(model), ids, tokens, tokenizer=tok, temperature=0, **params)
+                n = g.new_tokens.shape[1]
+                best = min(best, (time.perf_counter() - t0) / n * 1e3)
+            out[f"decode_ms_per_token_{name}"] = best
+    print(f"\nSmolLM2-135M decode on the CPU, {tokens} tokens, ms/token (best of 2)")
+    for name in runs:
+        ms = out[f"decode_ms_per_token_{name}"]
+        print(f"{name:<42} {ms:10.2f} {ms / out['decode_ms_per_token_none'] - 1:+8.1%}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -75,6 +201,9 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--decode-tokens", type=int, default=24, help="SmolLM2 tokens per constraint run; 0 skips"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeat = 3 if args.quick else args.repeat
@@ -120,6 +249,9 @@ def main() -> None:
     print(f"{'transformers LogitsProcessorList+multinomial':<42} {ref_ms:10.2f} {1.0:8.2f}")
     print(f"{'llm_sampler TokenSelector':<42} {ours_ms:10.2f} {ref_ms / ours_ms:8.2f}")
     print(f"{'llm_sampler TokenSelector, per-row seeds':<42} {seeded_ms:10.2f} {ref_ms / seeded_ms:8.2f}")
+    report.update(llama_chain(args, repeat))
+    if args.decode_tokens:
+        report.update(constraint_cost(args.decode_tokens))
     out = HERE / "results" / "sampler.json"
     out.parent.mkdir(exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:

@@ -65,7 +65,8 @@ def grammar_text(
                 f"json_schema must be a dict, a JSON string or a pydantic model, got {type(value).__name__}"
             )
         try:
-            return name, M.grammar_from_json_schema(json.loads(value) if isinstance(value, str) else value)
+            schema = json.loads(value) if isinstance(value, str) else value
+            return name, M.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
         except Exception as e:  # llguidance raises its own error types for schemas it rejects
             raise ValueError(f"json_schema is rejected by llguidance: {e}") from e
     if name == "regex":
