@@ -62,13 +62,20 @@ def test_regex_and_choices_always_match(smollm2: Any, smollm2_tokenizer: Any) ->
     ids = prompts(tok, ["When did the war end?", "Give me a date.", "Your birthday?", "Today is"])
     with torch.no_grad():
         dates = generate(
-            IncrementalHF(smollm2), ids, 12, regex=r"\d{4}-\d{2}-\d{2}", tokenizer=tok, seed=[1, 2, 3, 4]
+            IncrementalHF(smollm2),
+            ids,
+            12,
+            regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
+            tokenizer=tok,
+            seed=[1, 2, 3, 4],
         )
         answers = generate(
             IncrementalHF(smollm2), ids, 6, choices=["yes", "no", "maybe so"], tokenizer=tok, seed=0
         )
-    assert all(re.fullmatch(r"\d{4}-\d{2}-\d{2}", t) for t in texts_of(tok, dates))
-    assert all(t in ("yes", "no", "maybe so") for t in texts_of(tok, answers))
+    assert all(re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", t) for t in texts_of(tok, dates)), texts_of(
+        tok, dates
+    )
+    assert all(t in ("yes", "no", "maybe so") for t in texts_of(tok, answers)), texts_of(tok, answers)
 
 
 @pytest.mark.parametrize(
