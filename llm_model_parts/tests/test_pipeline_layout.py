@@ -167,3 +167,15 @@ def test_stages_own_a_cache_per_micro_batch_and_leave_the_part_stateless() -> No
         driver.forward_packed(packed, pos, tree), ref.forward_packed(packed, pos, tree), atol=1e-5, rtol=0
     )
     assert driver.seq_len == ref.seq_len == 5
+
+
+def test_corrupt_headers_end_in_pipeline_errors() -> None:
+    from llm_model_parts.pipeline.transport import MAX_DIMS, Command, Header, PipelineError
+
+    good = Header(Command.FORWARD, 0, 0, ((torch.float32, (1, 2, 3)),)).encode()
+    for index, value in ((5, 1000), (5, -1), (10, -4)):  # payload count, payload count, a dimension
+        bad = good.clone()
+        bad[index] = value
+        with pytest.raises(PipelineError, match="corrupt header"):
+            Header.decode(bad, peer=1)
+    assert MAX_DIMS >= 3

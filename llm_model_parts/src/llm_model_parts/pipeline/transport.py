@@ -108,6 +108,10 @@ class Header:
             command = Command(v[2])
         except ValueError:
             raise PipelineError(f"rank {peer} sent unknown command {v[2]}") from None
+        if not 0 <= v[5] <= MAX_PAYLOADS:
+            raise PipelineError(
+                f"rank {peer} sent a corrupt header ({v[5]} payloads, at most {MAX_PAYLOADS})"
+            )
         payloads = []
         for i in range(v[5]):
             base = 8 + i * (2 + MAX_DIMS)
@@ -116,7 +120,10 @@ class Header:
                 raise PipelineError(
                     f"rank {peer} sent a corrupt header (payload {i}: dtype {code}, ndim {ndim})"
                 )
-            payloads.append((_DTYPES[code - 1], tuple(v[base + 2 : base + 2 + ndim])))
+            shape = tuple(v[base + 2 : base + 2 + ndim])
+            if any(d < 0 for d in shape):
+                raise PipelineError(f"rank {peer} sent a corrupt header (payload {i}: shape {list(shape)})")
+            payloads.append((_DTYPES[code - 1], shape))
         return cls(command, v[3], v[4], tuple(payloads))
 
 
