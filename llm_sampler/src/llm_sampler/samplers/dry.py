@@ -55,8 +55,8 @@ class DRY:
         self.penalty_last_n = penalty_last_n
         self.breakers = breakers
 
-    def repeat_lengths(self, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """ids [B, T] -> [B, V] int: per candidate token, the longest repeat it would extend."""
+    def repeat_lengths(self, ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids [B, T] -> (candidate tokens [B, N], the repeat each would extend there [B, N])."""
         b, t = ids.shape
         if self.penalty_last_n >= 0:
             ids = ids[:, max(0, t - self.penalty_last_n) :]
@@ -80,13 +80,19 @@ class DRY:
                 break
             z += alive
         # the candidate after a match ending at reversed position i is the token at reversed position i - 1
-        lengths = torch.zeros((b, vocab_size), dtype=torch.long, device=ids.device)
-        return lengths.scatter_reduce(1, rev[:, :-1], z[:, 1:], reduce="amax")
+        return rev[:, :-1], z[:, 1:]
+
+    def penalties(self, ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (candidate token ids [B, N], their penalties [B, N]); a token may appear several times."""
+        tokens, lengths = self.repeat_lengths(ids, vocab_size)
+        exponent = (lengths - self.allowed_length).float().clamp(max=MAX_EXPONENT)
+        penalty = self.multiplier * torch.pow(self.base, exponent)
+        return tokens, torch.where(lengths >= self.allowed_length, penalty, torch.zeros_like(penalty))
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] < 2:
             return scores
-        lengths = self.repeat_lengths(input_ids, scores.shape[-1])
-        exponent = (lengths - self.allowed_length).to(scores.dtype).clamp(max=MAX_EXPONENT)
-        penalty = self.multiplier * torch.pow(torch.tensor(self.base, dtype=scores.dtype), exponent)
-        return scores - torch.where(lengths >= self.allowed_length, penalty, torch.zeros_like(penalty))
+        tokens, penalty = self.penalties(input_ids, scores.shape[-1])
+        # the largest penalty per token, in one pass over the few candidates: min(score, score - penalty)
+        lowered = scores.gather(1, tokens) - penalty.to(scores.dtype)
+        return scores.scatter_reduce(1, tokens, lowered, reduce="amin")

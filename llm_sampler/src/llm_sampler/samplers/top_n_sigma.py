@@ -14,10 +14,13 @@ class TopNSigma:
         self.n = n
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.amax(-1, keepdim=True)
+        if not bool(torch.isinf(scores).any()):  # the usual case: std over the whole row, one fused op
+            std = torch.std(scores, -1, keepdim=True, correction=0)
+            return scores.masked_fill(scores < top - self.n * std, NEG_INF)
         finite = scores.isfinite()
         count = finite.sum(-1, keepdim=True).clamp_(min=1)
         x = scores.masked_fill(~finite, 0.0)
         mean = x.sum(-1, keepdim=True) / count
         var = ((x - mean) ** 2).masked_fill(~finite, 0.0).sum(-1, keepdim=True) / count
-        top = scores.amax(-1, keepdim=True)
         return scores.masked_fill(scores < top - self.n * var.sqrt(), NEG_INF)
