@@ -178,7 +178,7 @@ def test_score_endpoint_and_lm_eval_local_completions(server: RunningServer, smo
         tokenizer_backend="huggingface",
         num_concurrent=4,
         max_retries=1,
-        auth_token=KEY,
+        header={"Authorization": f"Bearer {KEY}"},
     )
     reqs = [Instance("loglikelihood", {}, (c, o), i) for i, (c, opts) in enumerate(TEXT_REQUESTS) for o in opts]
     theirs = lm.loglikelihood(reqs, disable_tqdm=True)
