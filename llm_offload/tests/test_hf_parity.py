@@ -91,11 +91,17 @@ def test_callable_source_and_resident_layers(
 def test_auto_resident_fits_budget(tiny_llama: Any, want: list[torch.Tensor]) -> None:
     layers = tiny_llama.model.layers
     one = layer_bytes(tiny_llama)  # every tensor of the tiny layer is a multiple of the 256-byte alignment
-    off = offload(layers, CpuSource.from_modules(layers), "cpu", prefetch_depth=1, max_resident_bytes=4 * one + 100,
+    source = CpuSource.from_modules(layers)
+    off = offload(layers, source, "cpu", prefetch_depth=1, max_resident_bytes=3 * one + 100,
                   resident="auto")  # fmt: skip
-    assert off.resident == [0, 3]  # two slots for streaming (depth 1), the ends kept with what is left
+    assert off.resident == [0]  # two slots for streaming (depth 1), the first layer kept with what is left
     assert_same(prefill_and_decode(tiny_llama, IDS), want)
     assert off.stats.layers[1].loads > 0 and off.stats.layers[0].loads == 0
+    off.remove()
+    off = offload(layers, source, "cpu", prefetch_depth=1, max_resident_bytes=4 * one + 100)  # "auto" default
+    assert off.resident == [0, 1, 2, 3] and off.scheduler is None  # all fit: nothing streams
+    assert_same(prefill_and_decode(tiny_llama, IDS), want)
+    assert all(s.loads == 0 and s.calls > 0 for s in off.stats.layers)
     off.remove()
 
 

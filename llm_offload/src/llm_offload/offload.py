@@ -45,7 +45,7 @@ class Offload:
         *,
         prefetch_depth: int = 2,
         max_resident_bytes: int | None = None,
-        resident: Iterable[int] | Literal["auto"] = (),
+        resident: Iterable[int] | Literal["auto"] = "auto",
         threads: int | None = None,
         cyclic: bool = True,
         backend: Backend | None = None,
@@ -84,7 +84,8 @@ class Offload:
         self.layouts = [LayerLayout.pack(b.shapes()) for b in self._bindings]
         need = [max(lay.nbytes, _source_nbytes(self.source, i)) for i, lay in enumerate(self.layouts)]
         self.resident = self._plan_resident(resident, need, prefetch_depth, max_resident_bytes)
-        streamed = [i for i in range(n) if i not in self.resident]
+        self._resident_set = frozenset(self.resident)
+        streamed = [i for i in range(n) if i not in self._resident_set]
         budget = (
             None if max_resident_bytes is None else max_resident_bytes - sum(need[i] for i in self.resident)
         )
@@ -143,7 +144,12 @@ class Offload:
     # -- set-up ---------------------------------------------------------------------------------------------
 
     def _describe(self, i: int) -> str:
-        return f"offloaded layer {i} ({type(self.modules[i]).__name__})"
+        where = ""
+        file = getattr(self.source, "file", None)
+        if file is not None:
+            with contextlib.suppress(Exception):
+                where = f", {file(i)}"
+        return f"offloaded layer {i} ({type(self.modules[i]).__name__}{where})"
 
     def _source_keys(self, i: int) -> Iterable[str] | None:
         try:
@@ -158,6 +164,8 @@ class Offload:
         if resident == "auto":
             if budget is None:
                 return []
+            if sum(need) <= budget:
+                return list(range(n))  # everything fits: nothing to stream, no reader thread, no copies
             left = budget - (1 + depth) * max(need)
             chosen: list[int] = []
             for i in _ends_first(n):
@@ -249,7 +257,7 @@ class Offload:
             raise OffloadError(f"{self._describe(i)}: the offload was removed", i)
         if self._blocks is not None:
             self._blocks.turn()  # block schedule: let the other micro-batches reach this layer first
-        if i in self.resident or self.scheduler is None:
+        if i in self._resident_set or self.scheduler is None:
             self._stack().append((i, None, None, self.backend.mark()))
             return
         t0 = time.perf_counter()
@@ -369,7 +377,7 @@ def offload(
     *,
     prefetch_depth: int = 2,
     max_resident_bytes: int | None = None,
-    resident: Iterable[int] | Literal["auto"] = (),
+    resident: Iterable[int] | Literal["auto"] = "auto",
     threads: int | None = None,
     cyclic: bool = True,
 ) -> Offload:
@@ -382,8 +390,9 @@ def offload(
     prefetch_depth: how many layers ahead of the running one are fetched.
     max_resident_bytes: bound on the bytes of weights held on the device at once (resident layers plus
         streaming slots); the prefetch depth shrinks to fit. A layer larger than this raises ValueError.
-    resident: positions of modules loaded once and kept (never streamed), or "auto" to keep as many as fit
-        the budget after the streaming slots, first and last layers first.
+    resident: positions of modules loaded once and kept (never streamed), or "auto" (the default) to keep
+        as many as fit `max_resident_bytes` after the streaming slots, first and last layers first (all of
+        them when all fit; none without a budget). `()` streams every module whatever the budget.
     threads: reader threads (default 1 on CPU, 2 on CUDA).
     cyclic: after the last module, prefetch the first ones again (the next forward / decode step).
     """
@@ -447,9 +456,9 @@ def _source_len(source: Any, default: int) -> int:
 
 
 def _source_keys(source: Any, i: int) -> Iterable[str] | None:
-    header = getattr(source, "header", None)
-    if header is not None and getattr(source, "reads_into", False):
-        return header(i).tensors.keys()
+    keys = getattr(source, "keys", None)
+    if keys is not None and getattr(source, "reads_into", False):
+        return keys(i)  # from the files' headers: nothing read yet
     if (
         hasattr(source, "layer_nbytes")
         and getattr(source, "zero_copy", False)

@@ -6,14 +6,22 @@ with the module's own names (`self_attn.q_proj.weight` ...). Besides `load`, a s
   staging buffer on CUDA, a reused RAM buffer on CPU), returning views into it;
 - `zero_copy`: `load(i)` returns tensors without copying them (a memory map, or tensors already in RAM);
 - `layer_nbytes(i)`, `__len__`, `hint(i)` (start reading layer i in the background, no wait).
+
+Files are read in byte ranges (`LayerRead`): a sepweight layer is one range of its `mid.NNNNN.safetensors`,
+a layer of a Hugging Face checkpoint the ranges its tensors cover in the shards (usually one: a layer's
+tensors lie back to back), so an HF directory streams from its own shards, without converting. With
+`direct=True` the ranges are read with O_DIRECT (bypassing the page cache, which a model larger than RAM
+would only churn through) into 4 KiB-aligned places of the reused buffer.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -138,6 +146,120 @@ class SafetensorsHeader:
         return out
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length on this boundary
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes [start, stop) of `path`, placed at `offset` of a layer's buffer (`offset % 4096 == start % 4096`,
+    so that an O_DIRECT read of the aligned range around it lands in place)."""
+
+    path: Path
+    start: int
+    stop: int
+    offset: int
+
+
+class LayerRead:
+    """How one layer is read: the file ranges its tensors cover, where each lands in the buffer, and the
+    tensors as (dtype, shape, begin, end) byte ranges of that buffer."""
+
+    def __init__(self, pieces: Sequence[tuple[Path, int, int, str, torch.dtype, tuple[int, ...]]]) -> None:
+        # pieces: (file, absolute start, absolute stop, name, dtype, shape), any order
+        by_file: dict[Path, list[tuple[int, int, str, torch.dtype, tuple[int, ...]]]] = {}
+        for path, start, stop, name, dtype, shape in pieces:
+            by_file.setdefault(path, []).append((start, stop, name, dtype, shape))
+        self.ranges: list[FileRange] = []
+        self.tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        offset = 0
+        for path, items in by_file.items():
+            items.sort(key=lambda t: t[0])
+            i = 0
+            while i < len(items):
+                j = i + 1
+                while j < len(items) and items[j][0] == items[j - 1][1]:  # back to back: one read
+                    j += 1
+                start, stop = items[i][0], items[j - 1][1]
+                place = _round_up(offset, DIRECT_ALIGN) + start % DIRECT_ALIGN
+                self.ranges.append(FileRange(path, start, stop, place))
+                for b, e, name, dtype, shape in items[i:j]:
+                    self.tensors[name] = (dtype, shape, place + b - start, place + e - start)
+                offset = _round_up(place + stop - start, DIRECT_ALIGN) + DIRECT_ALIGN
+                i = j
+        self.buffer_bytes = offset + DIRECT_ALIGN  # and slack to align the buffer's own start
+        self.data_bytes = sum(e - b for _, _, b, e in self.tensors.values())
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(r.stop - r.start for r in self.ranges)
+
+    def views(self, data: torch.Tensor, base: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (dtype, shape, begin, end) in self.tensors.items():
+            raw = data[base + begin : base + end]
+            if (data.data_ptr() + base + begin) % dtype.itemsize:
+                raw = raw.clone()
+            out[name] = raw.view(dtype).view(shape)
+        return out
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+def _pread_into(fd: int, out: memoryview, offset: int) -> int:
+    """One `preadv` (releases the GIL); the test suite replaces it to inject read errors."""
+    return os.preadv(fd, [out], offset)
+
+
+def read_range(r: FileRange, buf: memoryview, *, direct: bool, drop_cache: bool, layer: str) -> int:
+    """Read one range into `buf` (whose address is 4 KiB-aligned) at `r.offset`; bytes read from the disk.
+
+    O_DIRECT where the file system allows it (not tmpfs), else buffered reads followed by
+    POSIX_FADV_DONTNEED when `drop_cache`. Errors name the file, the byte range and `layer`."""
+    lo = r.start - r.start % DIRECT_ALIGN if direct else r.start
+    hi = _round_up(r.stop, DIRECT_ALIGN) if direct else r.stop
+    at = r.offset - (r.start - lo)
+    fd = -1
+    try:
+        try:
+            fd = os.open(r.path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0))
+        except OSError as e:
+            if not direct or e.errno != errno.EINVAL:
+                raise
+            return read_range(r, buf, direct=False, drop_cache=True, layer=layer)
+        size = os.fstat(fd).st_size
+        if size < r.stop:
+            raise ValueError(f"{r.path}: truncated, {r.stop - size} bytes missing at the end ({layer})")
+        done, want = 0, min(hi, _round_up(size, DIRECT_ALIGN) if direct else size) - lo
+        need = r.stop - lo
+        while done < need:
+            try:
+                n = _pread_into(fd, buf[at + done : at + want], lo + done)
+            except OSError as e:
+                if direct and e.errno == errno.EINVAL and done == 0:  # O_DIRECT refused at read time
+                    os.close(fd)
+                    fd = -1
+                    return read_range(r, buf, direct=False, drop_cache=True, layer=layer)
+                raise OSError(
+                    e.errno, f"{r.path}: read of bytes {lo + done}-{hi} failed ({layer}): {e.strerror or e}"
+                ) from e
+            if n == 0:
+                raise ValueError(f"{r.path}: truncated, {need - done} bytes missing at the end ({layer})")
+            done += n
+        if drop_cache and not direct and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+        return done
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def aligned(buf: torch.Tensor) -> int:
+    """Bytes to skip from the start of `buf` to reach a 4 KiB boundary."""
+    return -buf.data_ptr() % DIRECT_ALIGN
+
+
 def _read_exactly(path: Path, offset: int, out: memoryview) -> None:
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
@@ -150,13 +272,19 @@ def _read_exactly(path: Path, offset: int, out: memoryview) -> None:
 
 
 class SepweightSource:
-    """Layers of a sepweight directory (`mid.NNNNN.safetensors` files), read by our reader threads.
+    """Layers of a sepweight directory (`mid.NNNNN.safetensors` files), or of a Hugging Face checkpoint
+    directory straight from its safetensors shards, read by our reader threads.
 
     `layers` picks the directory's layers that the offloaded modules are, in order (default: all of them;
-    `range(12, 24)` for a part holding layers 12..23). With `mmap=True` (the default) layers are memory-mapped
-    and used in place (zero-copy: file pages in the page cache, not anonymous memory), pre-faulted by the
-    reader thread; with `mmap=False`, or on CUDA, they are read into reused host buffers. A directory that
-    is not a sepweight directory (an HF checkpoint) is read through `llm_sepweight.Checkpoint`.
+    `range(12, 24)` for a part holding layers 12..23). With `mmap=True` (the default) the layers of a
+    sepweight directory are memory-mapped and used in place (zero-copy: file pages in the page cache, not
+    anonymous memory), pre-faulted by the reader thread; with `mmap=False`, on CUDA, or for an HF
+    directory, they are read into reused host buffers. `direct=True` reads with O_DIRECT, bypassing the
+    page cache (for a model larger than RAM, which the page cache can only churn through); where the file
+    system refuses O_DIRECT (tmpfs) it reads normally and drops the pages it read (POSIX_FADV_DONTNEED).
+    `dtype` casts on the reader thread; leave it None to compute in the stored dtype, or to let the modules'
+    own dtype decide (a bf16 file feeding fp32 modules is upcast as each layer arrives).
+    An HF directory whose weights are not safetensors is read through `llm_sepweight.Checkpoint`.
     """
 
     reads_into = True
@@ -167,12 +295,15 @@ class SepweightSource:
         *,
         layers: Iterable[int] | None = None,
         mmap: bool = True,
+        direct: bool = False,
         dtype: torch.dtype | None = None,
     ) -> None:
         self.path = Path(path)
         self.dtype = dtype
-        self._mmap = mmap
+        self.direct = direct
+        self._mmap = mmap and not direct
         self._checkpoint: Any = None
+        self._hf = False
         if not self.path.is_dir():
             raise FileNotFoundError(f"SepweightSource: {self.path} is not a directory")
         if fmt.is_sepweight_dir(self.path):
@@ -180,13 +311,18 @@ class SepweightSource:
         else:
             self._checkpoint = _open_checkpoint(self.path)
             num_layers = int(self._checkpoint.num_layers)
-            self.reads_into = False
+            self._hf = all(f.endswith(".safetensors") for f in self._checkpoint.files("b e"))
+            if not self._hf:
+                self.reads_into = False
         self.num_layers = num_layers
         self.layers = list(range(num_layers)) if layers is None else [int(i) for i in layers]
         bad = [i for i in self.layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"SepweightSource: {self.path} has layers 0..{num_layers - 1}, not {bad}")
         self._headers: dict[int, SafetensorsHeader] = {}
+        self._reads: dict[int, LayerRead] = {}
+        self._file_headers: dict[Path, Header] = {}
+        self.bytes_read = 0  # from the files, by `load` (all threads), since creation or `reset_bytes_read`
 
     @property
     def zero_copy(self) -> bool:
@@ -199,6 +335,9 @@ class SepweightSource:
         return f"SepweightSource({str(self.path)!r})"
 
     def file(self, index: int) -> Path:
+        """The (first) file holding layer `index`."""
+        if self._checkpoint is not None:
+            return self.path / self._checkpoint.files(f"{self._layer(index)}-{self._layer(index) + 1}")[0]
         return self.path / fmt.mid_file(self._layer(index))
 
     def _layer(self, index: int) -> int:
@@ -206,34 +345,105 @@ class SepweightSource:
             raise IndexError(f"{self!r} serves {len(self.layers)} layers, no layer {index}")
         return self.layers[index]
 
+    def _what(self, index: int) -> str:
+        return f"layer {self._layer(index)} of {self.path}"
+
     def header(self, index: int) -> SafetensorsHeader:
         header = self._headers.get(index)
         if header is None:
             path = self.file(index)
             if not path.exists():
-                raise FileNotFoundError(f"{path}: missing (layer {self._layer(index)} of {self.path})")
+                raise FileNotFoundError(f"{path}: missing ({self._what(index)})")
             header = self._headers[index] = SafetensorsHeader(path)
         return header
 
+    def keys(self, index: int) -> Iterable[str]:
+        """The tensor names of layer `index` (read from the headers only)."""
+        return self.plan(index).tensors.keys()
+
+    def plan(self, index: int) -> LayerRead:
+        """The byte ranges layer `index` is read from (headers read once, then cached)."""
+        read = self._reads.get(index)
+        if read is not None:
+            return read
+        if self._checkpoint is None:
+            h = self.header(index)
+            path = self.file(index)
+            pieces = [
+                (path, h.data_start + b, h.data_start + e, name, dtype, shape)
+                for name, (dtype, shape, b, e) in h.tensors.items()
+            ]
+        elif self._hf:
+            pieces = self._hf_pieces(self._layer(index))
+        else:
+            raise TypeError(f"{self.path}: not safetensors; layers are read through llm_sepweight.Checkpoint")
+        read = self._reads[index] = LayerRead(pieces)
+        return read
+
+    def _hf_pieces(self, layer: int) -> list[tuple[Path, int, int, str, torch.dtype, tuple[int, ...]]]:
+        from llm_sepweight.names import split_names
+
+        pieces = []
+        for file in self._checkpoint.files(f"{layer}-{layer + 1}"):
+            path = self.path / file
+            header = self._file_headers.get(path)
+            if header is None:
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path}: missing (layer {layer} of {self.path})")
+                header = self._file_headers[path] = Header.read(path)
+            where = split_names(self._checkpoint.architecture, header.tensors, self.num_layers)
+            for key, loc in where.items():
+                if loc.section == "mid" and loc.layer == layer:
+                    t = header.tensors[key]
+                    pieces.append((path, t.start, t.stop, loc.name, t.dtype, tuple(t.shape)))
+        if not pieces:
+            raise KeyError(f"{self.path}: no tensors for layer {layer} in its shards")
+        return pieces
+
     def layer_nbytes(self, index: int) -> int | None:
-        if self._checkpoint is not None:
+        if self._checkpoint is not None and not self._hf:
             return None
-        return self.header(index).data_bytes
+        if self._checkpoint is None and not self.direct:
+            return self.header(index).data_bytes
+        return self.plan(index).buffer_bytes
 
     def hint(self, index: int) -> None:
-        """Ask the kernel to start reading layer `index` into the page cache, without waiting."""
-        if self._checkpoint is not None or not hasattr(os, "posix_fadvise"):
+        """Ask the kernel to start reading layer `index` into the page cache, without waiting (not with
+        `direct=True`: those reads bypass the page cache)."""
+        if self.direct or (self._checkpoint is not None and not self._hf) or not hasattr(os, "posix_fadvise"):
             return
-        header = self.header(index)
-        fd = os.open(self.file(index), os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, header.data_start, header.data_bytes, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+        for r in self.plan(index).ranges:
+            fd = os.open(r.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, r.start, r.stop - r.start, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def reset_bytes_read(self) -> int:
+        n, self.bytes_read = self.bytes_read, 0
+        return n
 
     def load(self, index: int, into: torch.Tensor | None = None) -> StateDict:
-        if self._checkpoint is not None:
+        if self._checkpoint is not None and not self._hf:
             return self._checkpoint.layer_state_dict(self._layer(index), device="cpu", dtype=self.dtype)
+        if self._checkpoint is None and not self.direct:
+            out = self._load_sepweight(index, into)
+        else:
+            read = self.plan(index)
+            if into is None or into.numel() < read.buffer_bytes:
+                into = torch.empty(read.buffer_bytes, dtype=torch.uint8)
+            base = aligned(into)
+            buf = _bytes_of(into)[base:]
+            what = self._what(index)
+            for r in read.ranges:
+                n = read_range(r, buf, direct=self.direct, drop_cache=self.direct, layer=what)
+                self.bytes_read += n  # not `+= read_range(...)`: that reads the counter before the read
+            out = read.views(into, base)
+        if self.dtype is not None:
+            out = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in out.items()}
+        return out
+
+    def _load_sepweight(self, index: int, into: torch.Tensor | None) -> dict[str, torch.Tensor]:
         header = self.header(index)
         path = self.file(index)
         if into is not None:
@@ -247,8 +457,7 @@ class SepweightSource:
             data = torch.empty(header.data_bytes, dtype=torch.uint8)
             _read_exactly(path, header.data_start, _bytes_of(data))
             out = header.views(data, 0)
-        if self.dtype is not None:
-            out = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in out.items()}
+        self.bytes_read += header.data_bytes
         return out
 
 

@@ -116,11 +116,16 @@ def score_many(
     use_cache: bool | None = None,
     prefix_token_id: int | None = None,
     add_special_tokens: bool | None = None,
+    pack_tokens: int | None = None,
+    progress: bool = False,
 ) -> list[Scores]:
     """One `Scores` per `(context, options)`; all requests are sorted and batched together across questions.
 
     `normalize` is the default of each `Scores.best()`; "unconditional" also scores every option after an
-    empty context (lm-evaluation-harness's acc_mutual_info).
+    empty context (lm-evaluation-harness's acc_mutual_info). With a forward_func that has `forward_packed`
+    (llm_model_parts), questions go `pack_tokens` tokens per call (default 512), a prefix they share
+    computed once: with layers streamed from disk, each call reads the weights once for all of them.
+    `progress=True` shows a bar (tqdm, when installed) with questions/s and an ETA.
     """
     check_normalize(normalize)
     encoder = TextEncoder(tokenizer, prefix_token_id, add_special_tokens)
@@ -136,7 +141,13 @@ def score_many(
     if normalize == "unconditional":
         flat += [encoder.pair("", o) for _, options in requests for o in options]
     res = score_requests(
-        forward_func, flat, batch_size=batch_size, max_length=max_length, use_cache=use_cache
+        forward_func,
+        flat,
+        batch_size=batch_size,
+        max_length=max_length,
+        use_cache=use_cache,
+        pack_tokens=pack_tokens,
+        progress=progress,
     )
     out: list[Scores] = []
     k = 0

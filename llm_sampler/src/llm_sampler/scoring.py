@@ -6,7 +6,10 @@ Three engines, chosen by what the forward_func offers:
   computed twice (all the one-token options of a question share one row).
 - incremental: the contexts of a batch of questions go in once (left-padded); then each option slot continues
   from the cache and is rewound, so a context is never recomputed per option.
-- packed: with `forward_packed`, one question's options go in together as a prefix tree after its context.
+- packed: with `forward_packed`, whole questions go in together as one prefix tree: contexts sorted, so
+  that a prefix they share (the instructions, the few-shot examples) is computed once for all of them, each
+  option after its own context. One call per pack of `pack_tokens` tokens: with a streamed model (weights
+  read from disk layer by layer), one read of each layer serves every question of the pack.
 """
 
 from __future__ import annotations
@@ -157,12 +160,50 @@ def _group_by_context(requests: Sequence[tuple[Ids, Ids]]) -> dict[Ids, list[int
     return groups
 
 
+class _Progress:
+    """Questions done, with questions/s and an ETA: a tqdm bar when tqdm is installed, log lines otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar: Any = None
+        self.total, self.done, self.enabled = total, 0, enabled
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            logger.info("scoring %d questions (install tqdm for a progress bar)", total)
+            import time
+
+            self._t0 = time.perf_counter()
+            return
+        self.bar = tqdm(total=total, unit="q", desc="scoring", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled:
+            import time
+
+            dt = time.perf_counter() - self._t0
+            rate = self.done / dt if dt > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            logger.info("scored %d/%d questions, %.2f q/s, ETA %.0f s", self.done, self.total, rate, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def score_incremental(
     f: Any,
     requests: Sequence[tuple[Ids, Ids]],
     batch_size: int | None,
     max_length: int | None,
     pad_id: int = 0,
+    *,
+    pack_tokens: int | None = None,
+    progress: bool = False,
 ) -> list[TokenScores]:
     """Contexts once per batch of questions (left-padded), then option slot by slot from the cache."""
     results: list[TokenScores | None] = [None] * len(requests)
@@ -178,16 +219,51 @@ def score_incremental(
             results[i] = r
         groups = [g for g, ok in zip(groups, fits, strict=True) if ok]
     if hasattr(f, "forward_packed"):  # one call per pack of questions, no padding, each context once
-        sizes = [len(ctx) + sum(max(0, len(requests[i][1]) - 1) for i in idx) for ctx, idx in groups]
-        batches = _pack(sizes, PACKED_TOKENS)
+        batches = _pack_shared(groups, requests, pack_tokens or PACKED_TOKENS)
         run = _packed_questions
     else:  # contexts once (left-padded), then option slots continued from the cache and rewound
         batches = _batches([len(ctx) for ctx, _ in groups], batch_size, DEFAULT_BATCH_TOKENS)
         run = _incremental_batch
-    for batch in batches:
-        for i, r in run(f, [groups[g] for g in batch], requests, pad_id).items():
-            results[i] = r
+    bar = _Progress(len(groups), progress)
+    try:
+        for batch in batches:
+            for i, r in run(f, [groups[g] for g in batch], requests, pad_id).items():
+                results[i] = r
+            bar.update(len(batch))
+    finally:
+        bar.close()
     return [r for r in results if r is not None]
+
+
+def _common(a: Ids, b: Ids) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _pack_shared(
+    groups: list[tuple[Ids, list[int]]], requests: Sequence[tuple[Ids, Ids]], budget: int
+) -> list[list[int]]:
+    """Group indices in context order cut into packs of at most `budget` packed tokens (a larger question
+    goes alone); a context counts only the tokens it does not share with the one before it."""
+    order = sorted(range(len(groups)), key=lambda g: groups[g][0])
+    out: list[list[int]] = []
+    total = budget + 1
+    prev: Ids = ()
+    for g in order:
+        ctx, idx = groups[g]
+        options = sum(max(0, len(requests[i][1]) - 1) for i in idx)
+        size = len(ctx) - _common(prev, ctx) + options
+        if total + size > budget:
+            out.append([])
+            total, size = 0, len(ctx) + options
+        out[-1].append(g)
+        total += size
+        prev = ctx
+    return out
 
 
 def _score_via_reset(
@@ -269,36 +345,38 @@ def _incremental_batch(
     return res
 
 
-def _pack(sizes: list[int], budget: int) -> list[list[int]]:
-    """Indices into consecutive groups of total size <= budget (a larger item goes alone), largest first."""
-    out: list[list[int]] = []
-    total = budget + 1
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        if total + sizes[i] > budget:
-            out.append([])
-            total = 0
-        out[-1].append(i)
-        total += sizes[i]
-    return out
-
-
 def _packed_questions(
     f: Any, chunk: list[tuple[Ids, list[int]]], requests: Sequence[tuple[Ids, Ids]], pad_id: int
 ) -> dict[int, TokenScores]:
-    """Whole questions packed in one row after `reset()` (an empty cache): each context once, then every
-    option's tokens but the last, each attending to its own context and to itself (a prefix tree per question)."""
+    """Whole questions packed in one row after `reset()` (an empty cache), as one prefix tree: contexts in
+    sorted order, each adding only the tokens it does not share with the one before it (a shared prefix
+    is computed once), then every option's tokens but the last, each attending to its own context and to
+    itself."""
     ids: list[int] = []
     pos: list[int] = []
-    blocks: list[tuple[int, int, int, int]] = []  # (start, length, context start, context length)
-    rows: list[int] = []
+    # (start, length, the spans (start, length) of ids it also attends to)
+    blocks: list[tuple[int, int, list[tuple[int, int]]]] = []
     flat_pos: list[int] = []
     tgt: list[int] = []
     spans: list[tuple[int, int, int]] = []
-    for ctx, idx in chunk:
-        c0 = len(ids)
-        ids += ctx
-        pos += range(len(ctx))
-        blocks.append((c0, len(ctx), c0, 0))
+    prev: Ids = ()
+    prev_path: list[tuple[int, int]] = []
+    for ctx, idx in sorted(chunk, key=lambda g: g[0]):
+        shared = _common(prev, ctx)
+        path: list[tuple[int, int]] = []  # where ctx's tokens are, in order
+        need = shared
+        for start, length in prev_path:
+            if need == 0:
+                break
+            path.append((start, min(length, need)))
+            need -= path[-1][1]
+        if shared < len(ctx):
+            t0 = len(ids)
+            ids += ctx[shared:]
+            pos += range(shared, len(ctx))
+            blocks.append((t0, len(ctx) - shared, list(path)))
+            path.append((t0, len(ctx) - shared))
+        last = path[-1][0] + path[-1][1] - 1  # the position that predicts each option's first token
         for i in idx:
             cont = requests[i][1]
             if not cont:
@@ -306,14 +384,16 @@ def _packed_questions(
             t0 = len(ids)
             ids += cont[:-1]
             pos += range(len(ctx), len(ctx) + len(cont) - 1)
-            blocks.append((t0, len(cont) - 1, c0, len(ctx)))
+            blocks.append((t0, len(cont) - 1, path))
             spans.append((i, len(tgt), len(cont)))
-            flat_pos += [c0 + len(ctx) - 1, *range(t0, t0 + len(cont) - 1)]
+            flat_pos += [last, *range(t0, t0 + len(cont) - 1)]
             tgt += cont
+        prev, prev_path = ctx, path
     n = len(ids)
     tree = torch.zeros((1, n, n), dtype=torch.bool)
-    for start, length, c0, c_len in blocks:
-        tree[0, start : start + length, c0 : c0 + c_len] = True
+    for start, length, attends in blocks:
+        for s0, s_len in attends:
+            tree[0, start : start + length, s0 : s0 + s_len] = True
         tree[0, start : start + length, start : start + length] = torch.tril(
             torch.ones(length, length, dtype=torch.bool)
         )
@@ -322,8 +402,7 @@ def _packed_questions(
     logits = all_logits(logits, 1, n, "forward_packed")
     res = {i: TokenScores([], True) for _, idx in chunk for i in idx}
     if tgt:
-        rows = [0] * len(tgt)
-        lps, greedy = _score_rows(logits, rows, flat_pos, tgt)
+        lps, greedy = _score_rows(logits, [0] * len(tgt), flat_pos, tgt)
         for i, start, k in spans:
             res[i] = TokenScores(lps[start : start + k], all(greedy[start : start + k]))
     return res
@@ -336,8 +415,13 @@ def score_requests(
     batch_size: int | None = None,
     max_length: int | None = None,
     use_cache: bool | None = None,
+    pack_tokens: int | None = None,
+    progress: bool = False,
 ) -> list[TokenScores]:
-    """Token log-probabilities of each `(context_ids, continuation_ids)`; the engine depends on the forward_func."""
+    """Token log-probabilities of each `(context_ids, continuation_ids)`; the engine depends on the forward_func.
+
+    `pack_tokens`: tokens per `forward_packed` call (default 512); size it from the activation memory you
+    can spare: a streamed model reads its weights once per call. `progress`: a bar (tqdm) over questions."""
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be None (automatic) or an int >= 1, got {batch_size!r}")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
@@ -350,8 +434,12 @@ def score_requests(
     incremental = is_incremental(forward_func) if use_cache is None else use_cache
     if incremental and not is_incremental(forward_func):
         raise ValueError("use_cache=True needs an incremental forward_func (with reset() and rewind())")
+    if pack_tokens is not None and (not isinstance(pack_tokens, int) or pack_tokens < 1):
+        raise ValueError(f"pack_tokens must be None or an int >= 1, got {pack_tokens!r}")
     if incremental:
-        return score_incremental(forward_func, requests, batch_size, max_length)
+        return score_incremental(
+            forward_func, requests, batch_size, max_length, pack_tokens=pack_tokens, progress=progress
+        )
     if is_incremental(forward_func):
         return _score_via_reset(forward_func, requests, max_length)
     return score_stateless(forward_func, requests, batch_size, max_length)
