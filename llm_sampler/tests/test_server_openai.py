@@ -29,7 +29,9 @@ def server(smollm2_path: Any, smollm2_tokenizer: Any) -> Iterator[RunningServer]
 
     torch.set_num_threads(2)
     forward = llm_model_parts.load_part(smollm2_path, "f").as_forward_func(max_seq_len=1024)
-    app = create_app(forward, smollm2_tokenizer, model_name="smollm2", api_key=KEY, max_rows=6, prefill_chunk=64)
+    app = create_app(
+        forward, smollm2_tokenizer, model_name="smollm2", api_key=KEY, max_rows=6, prefill_chunk=64
+    )
     s = RunningServer(app)
     yield s
     s.close()
@@ -66,7 +68,9 @@ def test_chat_and_completions_match_generate(client: Any, smollm2: Any, smollm2_
     expected = [_greedy(smollm2, tok, _chat_ids(tok, m), 24) for m in MESSAGES]
 
     def chat(i: int) -> tuple[str, str]:
-        whole = client.chat.completions.create(model="smollm2", messages=MESSAGES[i], max_tokens=24, temperature=0)
+        whole = client.chat.completions.create(
+            model="smollm2", messages=MESSAGES[i], max_tokens=24, temperature=0
+        )
         parts = client.chat.completions.create(
             model="smollm2", messages=MESSAGES[i], max_tokens=24, temperature=0, stream=True
         )
@@ -84,7 +88,9 @@ def test_chat_and_completions_match_generate(client: Any, smollm2: Any, smollm2_
     out = client.completions.create(model="smollm2", prompt=prompt, max_tokens=16, temperature=0)
     assert out.choices[0].text == exp
     assert out.usage.prompt_tokens == len(tok.encode(prompt))
-    parts = client.completions.create(model="smollm2", prompt=prompt, max_tokens=16, temperature=0, stream=True)
+    parts = client.completions.create(
+        model="smollm2", prompt=prompt, max_tokens=16, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in parts) == exp
 
 
@@ -94,9 +100,24 @@ def test_sampling_fields_n_seed_stop_logprobs(client: Any, smollm2: Any, smollm2
     ids = list(tok.encode(prompt))
     params = {"temperature": 0.9, "top_k": 40, "top_p": 0.95}
     out = client.completions.create(
-        model="smollm2", prompt=prompt, max_tokens=10, n=2, seed=7, temperature=0.9, top_p=0.95, extra_body={"top_k": 40}
+        model="smollm2",
+        prompt=prompt,
+        max_tokens=10,
+        n=2,
+        seed=7,
+        temperature=0.9,
+        top_p=0.95,
+        extra_body={"top_k": 40},
     )
-    ref = generate(IncrementalHF(smollm2), ids, 10, seed=7, num_return_sequences=2, eos_token_id=tok.eos_token_id, **params)
+    ref = generate(
+        IncrementalHF(smollm2),
+        ids,
+        10,
+        seed=7,
+        num_return_sequences=2,
+        eos_token_id=tok.eos_token_id,
+        **params,
+    )
     for choice, row in zip(out.choices, ref.new_tokens, strict=True):
         assert choice.text == tok.decode(row.tolist())
     llama = client.completions.create(
@@ -104,11 +125,21 @@ def test_sampling_fields_n_seed_stop_logprobs(client: Any, smollm2: Any, smollm2
         prompt=prompt,
         max_tokens=8,
         seed=3,
-        extra_body={"min_p": 0.05, "dry_multiplier": 0.8, "xtc_probability": 0.5, "top_n_sigma": 2.0,
-                    "mirostat": 0, "dynatemp_range": 0.3, "repeat_penalty": 1.1, "samplers": "llama.cpp"},
+        extra_body={
+            "min_p": 0.05,
+            "dry_multiplier": 0.8,
+            "xtc_probability": 0.5,
+            "top_n_sigma": 2.0,
+            "mirostat": 0,
+            "dynatemp_range": 0.3,
+            "repeat_penalty": 1.1,
+            "samplers": "llama.cpp",
+        },
     )
     assert llama.usage.completion_tokens <= 8
-    stopped = client.completions.create(model="smollm2", prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"])
+    stopped = client.completions.create(
+        model="smollm2", prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"]
+    )
     assert stopped.choices[0].finish_reason == "stop" and " 7" not in stopped.choices[0].text
     lp = client.chat.completions.create(
         model="smollm2", messages=MESSAGES[0], max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
@@ -120,8 +151,12 @@ def test_sampling_fields_n_seed_stop_logprobs(client: Any, smollm2: Any, smollm2
 
 def test_response_format_json_schema(client: Any) -> None:
     pytest.importorskip("llguidance")
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
-              "required": ["name", "age"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
     out = client.chat.completions.create(
         model="smollm2",
         messages=[{"role": "user", "content": "Give me a person as JSON."}],
@@ -156,12 +191,16 @@ def test_errors_are_openai_style(server: RunningServer, client: Any) -> None:
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
 
 
-def test_score_endpoint_and_lm_eval_local_completions(server: RunningServer, smollm2_path: Any, smollm2: Any, smollm2_tokenizer: Any) -> None:
+def test_score_endpoint_and_lm_eval_local_completions(
+    server: RunningServer, smollm2_path: Any, smollm2: Any, smollm2_tokenizer: Any
+) -> None:
     import httpx
 
     ref = score_many(IncrementalHF(smollm2), smollm2_tokenizer, TEXT_REQUESTS)
     body = {"requests": [{"context": c, "options": o} for c, o in TEXT_REQUESTS]}
-    r = httpx.post(server.url + "/v1/score", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    r = httpx.post(
+        server.url + "/v1/score", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+    )
     assert r.status_code == 200, r.text
     for res, sc in zip(r.json()["results"], ref, strict=True):
         for got, exp in zip(res["options"], sc, strict=True):
@@ -180,7 +219,9 @@ def test_score_endpoint_and_lm_eval_local_completions(server: RunningServer, smo
         max_retries=1,
         header={"Authorization": f"Bearer {KEY}"},
     )
-    reqs = [Instance("loglikelihood", {}, (c, o), i) for i, (c, opts) in enumerate(TEXT_REQUESTS) for o in opts]
+    reqs = [
+        Instance("loglikelihood", {}, (c, o), i) for i, (c, opts) in enumerate(TEXT_REQUESTS) for o in opts
+    ]
     theirs = lm.loglikelihood(reqs, disable_tqdm=True)
     ours = [(s.loglikelihood, s.is_greedy) for sc in ref for s in sc]
     for (a, ga), (b, gb) in zip(theirs, ours, strict=True):

@@ -43,9 +43,7 @@ class IncrementalForward:
     `rows=slice(a, b)` sends `new_ids` (b - a, T) after each of those rows' own cached tokens.
     """
 
-    def __init__(
-        self, parts: Sequence[Part], max_seq_len: int | None = None, *, max_rows: int = 8
-    ) -> None:
+    def __init__(self, parts: Sequence[Part], max_seq_len: int | None = None, *, max_rows: int = 8) -> None:
         if not parts:
             raise ValueError("IncrementalForward needs at least one part")
         if not parts[0].spec.begin or not parts[-1].spec.end:

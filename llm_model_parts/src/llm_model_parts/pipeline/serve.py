@@ -1,5 +1,10 @@
 """Launcher: `torchrun --nproc-per-node 3 -m llm_model_parts.serve --model DIR --plan auto --prompt "Hello"`.
 
+With `--http HOST:PORT` it serves an OpenAI-compatible HTTP API instead (llm_sampler's server, the extra
+`llm-sampler[server]`): `python -m llm_model_parts.serve --model DIR --http 127.0.0.1:8000` in one process
+(continuous batching over the part's KV cache rows; `--offload BUDGET` streams the layers with llm_offload),
+or the same flags under torchrun, where rank 0 serves the pipeline (one request at a time). See docs/server.md.
+
 Every rank loads its part of DIR (a sepweight or HF directory: only the files its spec needs); rank 0
 tokenizes, generates through the pipeline and prints. Without --prompt / --prompts-file, rank 0 reads
 prompts from standard input, one per line, until end of input. Sampling uses llm_sampler when it is
@@ -64,6 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
+    http = ap.add_argument_group("HTTP server (--http; see docs/server.md)")
+    http.add_argument(
+        "--http", default=None, metavar="HOST:PORT", help="serve the OpenAI API here (e.g. 127.0.0.1:8000)"
+    )
+    http.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` (default: the env var LLM_SAMPLER_API_KEY; unset = open)",
+    )
+    http.add_argument(
+        "--model-name", default=None, help="the model id /v1/models reports (default: DIR's name)"
+    )
+    http.add_argument("--max-rows", type=int, default=8, help="most sequences decoding at once (batch rows)")
+    http.add_argument("--max-queue", type=int, default=64, help="most requests waiting; beyond it: 429")
+    http.add_argument(
+        "--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask for"
+    )
+    http.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="the largest request body (413 above)"
+    )
+    http.add_argument(
+        "--server-prefill-chunk", type=int, default=128, help="prompt tokens per row per engine step"
+    )
+    http.add_argument(
+        "--offload",
+        default=None,
+        metavar="BUDGET",
+        help="one process only: stream the layers with llm_offload under this resident budget (e.g. 200MiB)",
+    )
     return ap
 
 
@@ -71,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+    torchrun = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if args.http is not None and not torchrun:
+        return _serve_one_process(args)
+    if args.offload is not None:
+        logger.error("--offload is for one process (without torchrun)")
+        return 2
+    if not torchrun:
         logger.error("start this module with torchrun (see docs/pipeline.md): RANK/MASTER_ADDR are not set")
         return 2
     try:
@@ -95,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             driver.on_failure = lambda e: (
                 _thread.interrupt_main()
             )  # wake rank 0 even while it waits for input
-            _drive(driver, args)
+            if args.http is not None:
+                _serve_http(driver, args, max_seq_len=args.max_seq_len)
+            else:
+                _drive(driver, args)
         return 0
     except PipelineError as e:
         logger.error("%s", e)
@@ -103,6 +146,99 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("interrupted")
         return 1
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--http must be HOST:PORT (e.g. 127.0.0.1:8000), got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _serve_http(forward_func: Any, args: argparse.Namespace, *, max_seq_len: int | None) -> None:
+    """Serve `forward_func` over HTTP until interrupted (llm_sampler's server)."""
+    try:
+        from llm_sampler.server import serve
+        from llm_sampler.server.protocol import Limits
+    except ImportError:
+        raise RuntimeError("--http needs llm_sampler's server: pip install 'llm-sampler[server]'") from None
+    try:
+        from transformers import AutoTokenizer  # the chat template and structured output need an HF tokenizer
+    except ImportError:
+        raise RuntimeError(
+            "--http tokenizes with transformers' AutoTokenizer: pip install transformers"
+        ) from None
+    host, port = _host_port(args.http)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    logger.info("serving %s on http://%s:%d/v1", args.model, host, port)
+    serve(
+        forward_func,
+        tokenizer,
+        host=host,
+        port=port,
+        model_name=args.model_name or Path(args.model).name,
+        api_key=args.api_key,
+        max_rows=args.max_rows,
+        max_queue=args.max_queue,
+        prefill_chunk=args.server_prefill_chunk,
+        max_seq_len=max_seq_len,
+        max_body_bytes=args.max_body_bytes,
+        limits=Limits(max_tokens=args.max_tokens_limit, max_n=args.max_rows),
+    )
+
+
+def _serve_one_process(args: argparse.Namespace) -> int:
+    """`--http` without torchrun: the whole model in this process (optionally offloaded)."""
+    from llm_model_parts.part import load_part
+
+    try:
+        host_port = _host_port(args.http)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    part = load_part(args.model, "f", device=device, dtype=getattr(torch, args.dtype))
+    if args.offload is not None:
+        try:
+            from llm_offload import SepweightSource, offload
+        except ImportError:
+            logger.error("--offload needs llm_offload: pip install llm-offload")
+            return 2
+        budget = _bytes(args.offload)
+        source = SepweightSource(args.model, layers=part.layer_indices)
+        offloaded = offload(part.layers, source, device, max_resident_bytes=budget)
+        logger.info(
+            "offloaded %d layers under %d bytes: %s", len(part.layers), budget, type(offloaded).__name__
+        )
+    from llm_model_parts.forward_func import IncrementalForward
+
+    forward = IncrementalForward([part], max_seq_len=args.max_seq_len, max_rows=args.max_rows)
+    logger.info("one process on %s, http://%s:%d", device, *host_port)
+    try:
+        _serve_http(forward, args, max_seq_len=args.max_seq_len)
+    except RuntimeError as e:
+        logger.error("%s", e)
+        return 2
+    return 0
+
+
+def _bytes(text: str) -> int:
+    units = {
+        "": 1,
+        "b": 1,
+        "kib": 1 << 10,
+        "mib": 1 << 20,
+        "gib": 1 << 30,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+    }
+    t = text.strip().lower()
+    num = t.rstrip("kmgib")
+    unit = t[len(num) :]
+    if unit not in units or not num:
+        raise ValueError(f"a byte budget like 200MiB or 2GB, got {text!r}")
+    return int(float(num) * units[unit])
 
 
 def _drive(driver: PipelineDriver, args: argparse.Namespace) -> None:

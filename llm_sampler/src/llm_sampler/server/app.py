@@ -345,7 +345,10 @@ class _Run:
         self.prompts, self.streams, self.echo = prompts, streams, echo
         self.created = int(time.time())
         n = parsed.n
-        self.trackers = [P.TextTracker(server.tokenizer.decode, parsed.stop, parsed.params.get("eos_token_id")) for _ in range(len(prompts) * n)]
+        self.trackers = [
+            P.TextTracker(server.tokenizer.decode, parsed.stop, parsed.params.get("eos_token_id"))
+            for _ in range(len(prompts) * n)
+        ]
         self.tokens: list[list[RowToken]] = [[] for _ in self.trackers]
         self.finish: list[str | None] = [None] * len(self.trackers)
         self.prompt_lp: list[list[PromptToken]] = [[] for _ in prompts]

@@ -267,6 +267,9 @@ class Engine:
             k = s.job.prompt_logprobs
             if k is None or s.choice != 0 or s.done:
                 continue
+            if logits.shape[1] != end - start:
+                self._fail(s.job, "this model returns the last position's logits only: no prompt logprobs")
+                continue
             offset = g.offsets[i]
             tokens: list[PromptToken] = []
             if start <= offset < end:
