@@ -58,7 +58,7 @@ def test_rows_match_generate_alone() -> None:
                 live.append((i, SamplingRow(SamplingConfig.from_kwargs(PARAMS[i]), prompts[i], n_new)))
             pending = pending[2:]
         logits = torch.cat([toy(r.ids)[:, -1] for _, r in live])
-        for (i, r), tok in zip(live, sample_rows([r for _, r in live], logits), strict=True):
+        for (i, _), tok in zip(live, sample_rows([r for _, r in live], logits), strict=True):
             got[i].append(tok.token)
             if tok.finished:
                 assert tok.finish_reason == ("stop" if len(expected[i]) < n_new else "length")
