@@ -1,0 +1,281 @@
+"""The HTTP server's continuous batching and robustness, SmolLM2-135M on the CPU, over loopback.
+
+`python tools/bench/bench_server.py [--quick]` starts `python -m llm_model_parts.serve --model DIR --http`
+in its own process, then measures:
+1. one client, requests back to back: tokens/s and time to first token (TTFT, streamed);
+2. 8 clients at once, each sending requests back to back: aggregate tokens/s (target >= 3x one client) and
+   every request's TTFT (target: <= 2x the one-client TTFT plus one prefill, the one-client TTFT itself);
+3. a load loop: 200 requests, 16 at a time, a quarter malformed, some streaming clients that disconnect
+   mid-stream: every valid answer must equal the greedy answer of a request alone, every invalid one must be
+   a 4xx, the server must stay up, and its RSS must come back to its idle level.
+Prints a table; saves tools/bench/results/server.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain why the sky is blue in simple words.",
+    "List five facts about the planet Mars.",
+    "Describe a good breakfast for a busy morning.",
+    "What makes a city pleasant to live in?",
+    "Give three tips for learning a new language.",
+    "Tell me about the history of bicycles.",
+    "Why do cats purr? Answer in a few sentences.",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _stream(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """One streamed chat request: TTFT, tokens (usage), the text."""
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    ttft = None
+    text, tokens = [], 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for c in chunk.get("choices", []):
+                if c["delta"].get("content"):
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    text.append(c["delta"]["content"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"ttft": ttft, "tokens": tokens, "seconds": time.perf_counter() - t0, "text": "".join(text)}
+
+
+def _clients(
+    url: str, clients: int, per_client: int, max_tokens: int, stagger: float = 0.0
+) -> dict[str, Any]:
+    """`clients` closed-loop clients; client c starts `c * stagger` s late and asks for a few more tokens
+    than client c - 1 (so that requests arrive while others decode, as continuous batching is for)."""
+
+    def one(c: int) -> list[dict[str, Any]]:
+        time.sleep(c * stagger)
+        out = []
+        for k in range(per_client):
+            extra = (c % 4) * 2 if stagger else 0
+            out.append(_stream(url, PROMPTS[(c + k) % len(PROMPTS)], max_tokens + extra))
+        return out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        runs = [r for rs in pool.map(one, range(clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    ttfts = [r["ttft"] for r in runs]
+    return {
+        "clients": clients,
+        "requests": len(runs),
+        "tokens": sum(r["tokens"] for r in runs),
+        "wall_s": wall,
+        "tokens_per_s": sum(r["tokens"] for r in runs) / wall,
+        "ttft_mean_s": statistics.mean(ttfts),
+        "ttft_max_s": max(ttfts),
+        "ttft_first_wave_max_s": max(ttfts[i * per_client] for i in range(clients)),
+    }
+
+
+MALFORMED: list[tuple[str, Any]] = [
+    ("bad json", b"{not json"),
+    ("unknown field", {"messages": [{"role": "user", "content": "hi"}], "bogus": 1}),
+    ("temperature < 0", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}),
+    ("max_tokens too large", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}),
+    ("no messages", {"messages": []}),
+    ("content not a string", {"messages": [{"role": "user", "content": 5}]}),
+    ("n too large", {"messages": [{"role": "user", "content": "hi"}], "n": 1000}),
+    ("body not an object", [1, 2, 3]),
+]
+
+
+def _load(
+    url: str, total: int, concurrency: int, expected: dict[str, str], max_tokens: int
+) -> dict[str, Any]:
+    counts = {
+        "valid_ok": 0,
+        "valid_wrong": 0,
+        "invalid_4xx": 0,
+        "invalid_other": 0,
+        "disconnected": 0,
+        "429": 0,
+    }
+
+    def one(i: int) -> str:
+        if i % 4 == 3:  # a quarter malformed
+            _name, body = MALFORMED[i % len(MALFORMED)]
+            kw: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
+            r = httpx.post(url + "/v1/chat/completions", timeout=60, **kw)
+            return "invalid_4xx" if 400 <= r.status_code < 500 and "error" in r.json() else "invalid_other"
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
+        if i % 8 == 1:  # a streaming client that goes away after two chunks
+            with httpx.stream(
+                "POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60
+            ) as r:
+                for n, _ in enumerate(r.iter_lines()):
+                    if n >= 3:
+                        break
+            return "disconnected"
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+        if r.status_code == 429:
+            return "429"
+        ok = r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected[prompt]
+        return "valid_ok" if ok else "valid_wrong"
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for outcome in pool.map(one, range(total)):
+            counts[outcome] += 1
+    counts["wall_s"] = time.perf_counter() - t0  # type: ignore[assignment]
+    return counts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    ap.add_argument("--model", default=None, help="default: the SmolLM2 fixture")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server process")
+    ap.add_argument("--out", type=Path, default=ROOT / "tools/bench/results/server.json")
+    args = ap.parse_args()
+    if args.model is None:
+        import fixtures
+
+        args.model = str(fixtures.real_checkpoint("smollm2"))
+    per_client = 2 if args.quick else 3
+    max_tokens = 16 if args.quick else 32
+    load_total = 64 if args.quick else 200
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [
+        sys.executable, "-m", "llm_model_parts.serve", "--model", args.model, "--http", f"127.0.0.1:{port}",
+        "--max-seq-len", "512", "--max-rows", "8", "--max-queue", "64",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    log = open(ROOT / "tools/bench/results/server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start; see tools/bench/results/server.log")
+            time.sleep(0.5)
+        _stream(url, PROMPTS[0], 4)  # warm-up
+        single = _clients(url, 1, per_client * 2, max_tokens)
+        many = _clients(url, 8, per_client, max_tokens)  # all at once: the first wave prefills together
+        staggered = _clients(
+            url, 8, per_client, max_tokens, stagger=single["wall_s"] / single["requests"] / 8
+        )
+        expected = {p: _stream(url, p, 8)["text"] for p in PROMPTS}  # alone, greedy, 8 tokens
+        time.sleep(1)
+        idle = _rss(proc.pid)
+        load = _load(url, load_total, 16, expected, 8)
+        up = httpx.get(url + "/health", timeout=10).status_code == 200
+        time.sleep(2)
+        after = _rss(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+    ratio = many["tokens_per_s"] / single["tokens_per_s"]
+    ttft_limit = 3 * single["ttft_mean_s"]  # 2x the one-client TTFT plus one prefill (the one-client TTFT)
+    result = {
+        "quick": args.quick,
+        "model": Path(args.model).name,
+        "threads": args.threads,
+        "max_tokens": max_tokens,
+        "single": single,
+        "eight": many,
+        "eight_staggered": staggered,
+        "throughput_ratio": ratio,
+        "throughput_ratio_staggered": staggered["tokens_per_s"] / single["tokens_per_s"],
+        "ttft_limit_s": ttft_limit,
+        "ttft_max_over_limit": many["ttft_max_s"] / ttft_limit,
+        "ttft_max_over_limit_staggered": staggered["ttft_max_s"] / ttft_limit,
+        "load": load,
+        "server_up_after_load": up,
+        "rss_idle_bytes": idle,
+        "rss_after_bytes": after,
+        "rss_after_over_idle": after / idle if idle else None,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        ("1 client tokens/s", f"{single['tokens_per_s']:.1f}"),
+        ("8 clients tokens/s", f"{many['tokens_per_s']:.1f}"),
+        ("throughput ratio (target >= 3)", f"{ratio:.2f}x"),
+        ("1 client TTFT mean", f"{single['ttft_mean_s'] * 1000:.0f} ms"),
+        (
+            "8 clients TTFT mean / max",
+            f"{many['ttft_mean_s'] * 1000:.0f} / {many['ttft_max_s'] * 1000:.0f} ms",
+        ),
+        ("8 clients first-wave TTFT max", f"{many['ttft_first_wave_max_s'] * 1000:.0f} ms"),
+        ("TTFT max / (2x single + prefill)", f"{result['ttft_max_over_limit']:.2f}"),
+        ("staggered: tokens/s ratio", f"{result['throughput_ratio_staggered']:.2f}x"),
+        (
+            "staggered: TTFT mean / max",
+            f"{staggered['ttft_mean_s'] * 1000:.0f} / {staggered['ttft_max_s'] * 1000:.0f} ms",
+        ),
+        ("staggered: TTFT max / (2x single + prefill)", f"{result['ttft_max_over_limit_staggered']:.2f}"),
+        ("load: valid ok / wrong", f"{load['valid_ok']} / {load['valid_wrong']}"),
+        ("load: invalid 4xx / other", f"{load['invalid_4xx']} / {load['invalid_other']}"),
+        ("load: disconnected, 429", f"{load['disconnected']}, {load['429']}"),
+        ("server up after load", str(up)),
+        (
+            "RSS after / idle",
+            f"{after / 2**20:.0f} / {idle / 2**20:.0f} MiB ({result['rss_after_over_idle']:.3f}x)",
+        ),
+    ]
+    width = max(len(a) for a, _ in rows)
+    for a, b in rows:
+        print(f"{a:<{width}}  {b}")
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
