@@ -2,8 +2,9 @@
 
 - prompt length: one forward of T tokens, transformers vs an llm_model_parts Part;
 - batch size: greedy decode tokens/s for B rows, transformers' `generate` vs llm_sampler over a Part's cache;
-- resident budget: a forward of 256 tokens with the decoder layers streamed by llm_offload from a sepweight
-  directory (hot page cache) with at most N layers resident, against all weights resident.
+- resident budget: a forward of 256 tokens with the decoder layers under llm_offload from a sepweight
+  directory (hot page cache) with a budget of N layers (`resident="auto"`: the layers the budget holds
+  after the streaming slots stay resident; with N = 30 all of them), against all weights resident.
 
     python tools/bench/bench_scaling.py [--quick]   # JSON: tools/bench/results/scaling.json, PNGs: docs/img/
 """
@@ -154,7 +155,21 @@ def plot(results: dict[str, Any]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fast smoke run")
+    parser.add_argument(
+        "--resident-only", action="store_true", help="only the resident-budget panel (merged into the JSON)"
+    )
     args = parser.parse_args()
+    if args.resident_only:
+        results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        with torch.inference_mode():
+            results["resident_budget"] = resident_budgets(
+                sepweight_dir(), [2, 4, 8, 16, 30], 1 if args.quick else 3
+            )
+        results["plots"] = plot(results)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2))
+        print(f"saved {RESULTS}")
+        return
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
