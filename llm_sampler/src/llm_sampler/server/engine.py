@@ -355,7 +355,7 @@ class Engine:
             self._log(s.job, "cancelled" if s.job.cancelled.is_set() else "done")
 
     def _fail(self, job: Job, message: str) -> None:
-        if job.failed:
+        if job.failed or job.remaining == 0:  # already answered in full
             return
         job.failed = True
         for s in self.slots:
