@@ -1,6 +1,7 @@
 """llm_sampler: sampling, generation and closed-form scoring for any forward_func(input_ids) -> logits."""
 
 from llm_sampler import processors
+from llm_sampler.batch import RowToken, SamplingRow, sample_rows
 from llm_sampler.beam import BeamOutput, beam_search
 from llm_sampler.closed_form import TextEncoder, score, score_many, score_texts
 from llm_sampler.compat import (
@@ -25,7 +26,9 @@ __all__ = [
     "Generation",
     "IncrementalHF",
     "OptionScore",
+    "RowToken",
     "SamplingConfig",
+    "SamplingRow",
     "Scores",
     "Step",
     "TextEncoder",
@@ -41,6 +44,7 @@ __all__ = [
     "sample",
     "sample_gpt_fast",
     "sample_huggingface",
+    "sample_rows",
     "sample_steps",
     "score",
     "score_many",
