@@ -113,9 +113,10 @@ def _argv(model: Path, port: int, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_one_process_http(smollm2: Path, expected: tuple[str, str]) -> None:
+@pytest.mark.parametrize("extra", [[], ["--offload", "40MiB"]], ids=["resident", "offloaded"])
+def test_one_process_http(smollm2: Path, expected: tuple[str, str], extra: list[str]) -> None:
     port = support.free_port()
-    procs, logs = _serve([_argv(smollm2, port)])
+    procs, logs = _serve([_argv(smollm2, port, *extra)])
     assert _ask(port, procs, logs) == expected
 
 
