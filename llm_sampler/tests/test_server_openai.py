@@ -226,3 +226,26 @@ def test_score_endpoint_and_lm_eval_local_completions(
     ours = [(s.loglikelihood, s.is_greedy) for sc in ref for s in sc]
     for (a, ga), (b, gb) in zip(theirs, ours, strict=True):
         assert abs(a - b) < 1e-4 and ga == gb
+
+
+def test_disconnect_cancels_the_row(server: RunningServer) -> None:
+    import time
+
+    import httpx
+
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {
+        "prompt": "Count to a thousand:",
+        "max_tokens": 400,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=h, timeout=60) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n >= 4:
+                break
+    deadline = time.monotonic() + 8  # 400 tokens would take ~25 s if the row kept decoding
+    while httpx.get(server.url + "/health").json()["rows"] > 0:
+        assert time.monotonic() < deadline, "the disconnected request still holds its row"
+        time.sleep(0.2)
