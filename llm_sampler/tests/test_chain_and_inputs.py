@@ -132,6 +132,18 @@ def test_speculative_refuses_mirostat_and_xtc() -> None:
             speculative_generate(f, [1, 2, 3], 4, prompt_lookup_num_tokens=2, **params)
 
 
+@pytest.mark.parametrize("name", ["json_schema", "regex", "choices", "grammar"])
+def test_speculative_refuses_constraints(name: str) -> None:
+    value = {
+        "json_schema": {"type": "string"},
+        "regex": "[a-z]+",
+        "choices": ["yes"],
+        "grammar": 'start: "a"',
+    }
+    with pytest.raises(ValueError, match=name):
+        speculative_generate(toy_forward([]), [1, 2, 3], 4, prompt_lookup_num_tokens=2, **{name: value[name]})
+
+
 def test_mirostat_and_dry_generate_end_to_end() -> None:
     f = toy_forward([])
     out = generate(

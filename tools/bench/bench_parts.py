@@ -240,10 +240,19 @@ def main() -> None:
         "ours_fraction_of_bound": ours_tok_s / bound,
         "peak_rss": rss,
     }
+    # Best of N (as timeit reports): on a shared machine the fastest run of each is the one least
+    # disturbed by other work, so the ratio of the best times is the quiet machine's ratio.
+    best = {
+        "decode": max(r["ours_tok_s"] for r in rows) / max(r["hf_tok_s"] for r in rows),
+        "prefill": min(r["ours_prefill_s"] for r in rows) / min(r["hf_prefill_s"] for r in rows),
+        "prefill32": min(r["ours_prefill32_s"] for r in rows) / min(r["hf_prefill32_s"] for r in rows),
+        "compiled": max(r["compiled_tok_s"] for r in rows) / max(r["hf_tok_s"] for r in rows),
+    }
+    result["best_of_runs"] = best
     print()
-    print(f"{'metric':44s} {'value':>10s}")
+    print(f"{'metric':44s} {'value':>10s}  best of {len(rows)}")
     print(
-        f"{'decode tok/s ours / transformers (median)':44s} {result['decode_speedup_median']:10.3f}  (target >= 1.3)"
+        f"{'decode tok/s ours / transformers (median)':44s} {result['decode_speedup_median']:10.3f}  {best['decode']:10.3f}  (target >= 1.3)"
     )
     for key, label in (
         ("decode_speedup_deepcopy_median", "  a deepcopy of the part"),
@@ -253,10 +262,10 @@ def main() -> None:
         print(f"{label:44s} {result[key]:10.3f}")
     print(f"{'  (compile time, s)':44s} {compile_s:10.1f}")
     print(
-        f"{f'prefill {prefill_len} time ours / transformers':44s} {result['prefill_time_ratio_median']:10.3f}  (target <= 1.0)"
+        f"{f'prefill {prefill_len} time ours / transformers':44s} {result['prefill_time_ratio_median']:10.3f}  {best['prefill']:10.3f}  (target <= 1.0)"
     )
     print(
-        f"{'prefill 32 time ours / transformers':44s} {result['prefill32_time_ratio_median']:10.3f}  (target <= 1.0)"
+        f"{'prefill 32 time ours / transformers':44s} {result['prefill32_time_ratio_median']:10.3f}  {best['prefill32']:10.3f}  (target <= 1.0)"
     )
     print(f"{'same greedy tokens':44s} {same_tokens!s:>10s}")
     print(

@@ -68,6 +68,12 @@ def speculative_sample(
             f"speculative decoding does not support {name}: its distribution changes per step "
             "(a random coin or a state), so draft tokens cannot be verified against it"
         )
+    constraint = [k for k in ("json_schema", "regex", "choices", "grammar") if getattr(config, k) is not None]
+    if constraint:
+        raise ValueError(
+            f"speculative decoding does not support {constraint[0]}=: a constraint's matcher consumes each "
+            "token as it is chosen and cannot take back rejected drafts; use generate/sample"
+        )
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     ids, _ = as_batch(input_ids, None)

@@ -1,12 +1,16 @@
 """`nn.Linear` whose matmul is chosen per call by the number of rows, for row-major (HF) weights.
 
-Decoding multiplies a handful of rows by each weight, and there `F.linear` (`x @ W.T`) is the slow
-formulation on the CPU. Measured with MKL on 2 cores, fp32, SmolLM2's shapes: one row as `torch.mv(W, x)`
-streams the weight 1.1-4x faster than `F.linear` (gate/up 0.28 ms instead of 1.18 ms); 2-64 rows as
-`W @ x.T` 1.1-4x faster (the LM head at 4 rows: 24 ms instead of 63 ms; at 32 rows 49 ms instead of 61),
-and a head much wider than its input (the LM head) at any row count (256 rows: 221 ms instead of 293).
-Other row counts, other dtypes (measured: bf16 is slower through these routes) and other devices keep
-`F.linear`. The storage is never changed for it: the same weights serve every batch size.
+On the CPU in fp32, `F.linear` (`x @ W.T`, MKL) is not the fastest formulation for the row counts of
+decoding and prefill. Measured with MKL and oneDNN on 2 cores, SmolLM2's shapes, minimum of 7 runs
+(`tools/bench/bench_linear.py`):
+- oneDNN's inner product on the plain weight (`mkldnn._linear_pointwise`, no packing, no copy) is
+  1.2-1.8x faster than `F.linear` at one row for weights at least as wide as they are deep (q/k/v, o,
+  gate/up, the LM head), and from 7 rows on for every weight (the LM head at 256 rows: 99 ms instead of
+  191 ms);
+- `W @ x.T` is fastest at 2-6 rows (up to 3x `F.linear`), and `torch.mv(W, x)` at one row for a
+  weight deeper than wide (down_proj).
+Other dtypes, devices, autograd and torch.compile (which picks its own kernels) keep `F.linear`. The
+storage is never changed for it: the same weights serve every batch size.
 """
 
 from __future__ import annotations
@@ -15,23 +19,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAX_ROWS = 64  # measured: from 128 rows on, F.linear is as fast or faster for square-ish weights
-WIDE = 16  # out_features >= WIDE * in_features (an LM head): W @ x.T at any row count
+FEW_ROWS = 6  # up to here W @ x.T beats both F.linear and oneDNN for most weights
+
+
+def _onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+ONEDNN = _onednn()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`."""
     width = x.shape[-1]
     rows = x.numel() // width if width else 0
-    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-    if not cpu_fp32 or rows == 0 or weight.dim() != 2 or weight.stride(-1) != 1:
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or rows == 0
+        or weight.dim() != 2
+        or weight.stride(-1) != 1
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+    ):
         return F.linear(x, weight, bias)
-    if rows > MAX_ROWS and weight.shape[0] < WIDE * width:
-        return F.linear(x, weight, bias)
-    if rows == 1:
-        y = torch.mv(weight, x.reshape(width))
+    deep = weight.shape[1] > weight.shape[0]  # more inputs than outputs (down_proj)
+    x2 = x.reshape(rows, width).contiguous()
+    if rows == 1 and (deep or not ONEDNN):
+        y = torch.mv(weight, x2[0]).view(1, -1)
+    elif 1 < rows <= FEW_ROWS and not (deep and ONEDNN):
+        y = torch.mm(weight, x2.t()).t().contiguous()
+    elif ONEDNN:
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+        return y.view(*x.shape[:-1], weight.shape[0])
     else:
-        y = torch.mm(weight, x.reshape(rows, width).t()).t().contiguous()
+        return F.linear(x, weight, bias)
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])
