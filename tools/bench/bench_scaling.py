@@ -101,6 +101,7 @@ def resident_budgets(path: Path, budgets: list[int], repeats: int) -> list[dict[
         part = load_part(path, "f")
         handle = offload(part.layers, SepweightSource(path), "cpu", max_resident_bytes=n * layer_bytes)
         streamed_s = timed(lambda part=part: part(ids), repeats)
+        resident_s = timed(lambda: resident(ids), repeats)  # again, right after: the machine's load drifts
         handle.remove()
         rows.append(
             {
