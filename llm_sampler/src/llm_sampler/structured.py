@@ -9,6 +9,7 @@ stopped, or it accepts and the chosen token is eos.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import re
 from collections.abc import Sequence
@@ -25,7 +26,6 @@ _SHIFTS = torch.arange(32, dtype=torch.int32)
 def _llguidance() -> Any:
     try:
         import llguidance
-        import llguidance.hf
         import llguidance.torch
     except ImportError as e:
         raise ImportError(
@@ -99,12 +99,26 @@ def lltokenizer(tokenizer: Any) -> Any:
     except (KeyError, TypeError):
         pass
     try:
-        tok = _llguidance().hf.from_tokenizer(tokenizer)
+        tok = _from_tokenizer(tokenizer)
+    except ImportError:
+        raise
     except Exception as e:
         raise ValueError(f"tokenizer must be a Hugging Face fast tokenizer: {e}") from e
     with contextlib.suppress(TypeError):  # a tokenizer that cannot be weakly referenced is not cached
         _TOKENIZERS[tokenizer] = tok
     return tok
+
+
+def _from_tokenizer(tokenizer: Any) -> Any:
+    lg = _llguidance()
+    if type(tokenizer).__name__ == "JsonTokenizer":  # llm_sampler.tokenizer: no transformers needed
+        backend = copy.copy(tokenizer.backend_tokenizer)
+        backend.no_padding()
+        backend.no_truncation()
+        return lg.LLTokenizer(backend.to_str(), eos_token=tokenizer.eos_token_id)
+    import llguidance.hf  # imports transformers
+
+    return llguidance.hf.from_tokenizer(tokenizer)
 
 
 class Constraint:

@@ -9,7 +9,8 @@ decoding and prefill. Measured with MKL and oneDNN on 2 cores, SmolLM2's shapes,
   191 ms);
 - `W @ x.T` is fastest at 2-6 rows (up to 3x `F.linear`), and `torch.mv(W, x)` at one row for a
   weight deeper than wide (down_proj).
-Other dtypes, devices, autograd and torch.compile (which picks its own kernels) keep `F.linear`. The
+Other dtypes, devices and autograd keep `F.linear`. Under torch.compile one row stays `torch.mv`,
+which inductor lowers to a fused vectorised reduction (3x MKL's gemv); more rows keep `F.linear`. The
 storage is never changed for it: the same weights serve every batch size.
 """
 
@@ -41,9 +42,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         or weight.dim() != 2
         or weight.stride(-1) != 1
         or torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
     ):
         return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():  # inductor turns mv into its own fused reduction; mm stays MKL
+        return F.linear(x, weight, bias) if rows > 1 else _mv(x, weight, bias)
     deep = weight.shape[1] > weight.shape[0]  # more inputs than outputs (down_proj)
     x2 = x.reshape(rows, width).contiguous()
     if rows == 1 and (deep or not ONEDNN):
@@ -58,6 +60,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _mv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch.mv(weight, x.reshape(-1))
+    return (y if bias is None else y + bias).view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):

@@ -162,14 +162,10 @@ def _serve_http(forward_func: Any, args: argparse.Namespace, *, max_seq_len: int
         from llm_sampler.server.protocol import Limits
     except ImportError:
         raise RuntimeError("--http needs llm_sampler's server: pip install 'llm-sampler[server]'") from None
-    try:
-        from transformers import AutoTokenizer  # the chat template and structured output need an HF tokenizer
-    except ImportError:
-        raise RuntimeError(
-            "--http tokenizes with transformers' AutoTokenizer: pip install transformers"
-        ) from None
+    from llm_sampler.tokenizer import load_tokenizer  # tokenizers + jinja2: no transformers at run time
+
     host, port = _host_port(args.http)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
     logger.info("serving %s on http://%s:%d/v1", args.model, host, port)
     serve(
         forward_func,
