@@ -32,6 +32,7 @@ LLAMA_CPP_ORDER = (
 )
 NAMES = frozenset(LLAMA_CPP_ORDER) | {"top_h", "epsilon_cutoff", "eta_cutoff"}
 TOKEN_STEPS = frozenset({"penalties", "dry"})  # need token ids, so the whole vocabulary
+FILTERS = frozenset({"top_n_sigma", "typical_p", "top_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h"})
 
 
 def resolve(samplers: str | Sequence[str] | None) -> list[str] | None:
@@ -114,4 +115,15 @@ class Chain:
                 scores = proc(input_ids, full.scatter(1, idx, scores)).gather(1, idx)
             else:
                 scores = proc(input_ids, scores)
+                if idx is None and name in FILTERS and scores.device.type == "cpu":  # counting syncs a GPU
+                    scores, idx = _compact(scores)
         return scores, idx
+
+
+def _compact(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The finite scores and their token ids, when a filter left few (the later steps then run on them
+    only, as after top_k); None ids when most survive."""
+    k = int((scores > P.NEG_INF).sum(-1).max())
+    if k == 0 or 4 * k > scores.shape[-1]:
+        return scores, None
+    return torch.topk(scores, k)

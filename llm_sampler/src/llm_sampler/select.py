@@ -98,6 +98,8 @@ class TokenSelector:
             if isinstance(w, S.XTC):
                 w.keys = keys
         vals, idx = self._warp(input_ids, scores)
+        if idx is None and self.mirostat is None and vals.device.type == "cpu":  # counting syncs a GPU
+            vals, idx = _survivors(vals)
         choice = (vals + rng.gumbel(keys, idx, vals)).argmax(-1, keepdim=True)  # (B, 1)
         if self.mirostat is not None:
             self.mirostat.update(vals, choice[:, 0])
@@ -105,3 +107,12 @@ class TokenSelector:
         nothing = vals.gather(1, choice)[:, 0] == P.NEG_INF
         logprobs = vals.log_softmax(-1).gather(1, choice)[:, 0] if self.config.return_logprobs else None
         return Selection(tokens[:, 0], logprobs, bad, nothing)
+
+
+def _survivors(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens a chain left finite, when they are few (min-p, XTC, top-nσ over a whole vocabulary):
+    the Gumbel noise is then drawn for them only. It is keyed by token id, so the choice is the same."""
+    k = int((vals > P.NEG_INF).sum(-1).max())
+    if k == 0 or 4 * k > vals.shape[-1]:
+        return vals, None
+    return torch.topk(vals, k)

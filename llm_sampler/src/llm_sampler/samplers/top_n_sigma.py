@@ -14,8 +14,8 @@ class TopNSigma:
         self.n = n
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        top = scores.amax(-1, keepdim=True)
-        if not bool(torch.isinf(scores).any()):  # the usual case: std over the whole row, one fused op
+        low, top = torch.aminmax(scores, dim=-1, keepdim=True)  # one pass: an -inf shows in the minimum
+        if not bool(torch.isinf(low).any() | torch.isinf(top).any()):  # usual: std over the row, fused
             std = torch.std(scores, -1, keepdim=True, correction=0)
             return scores.masked_fill(scores < top - self.n * std, NEG_INF)
         finite = scores.isfinite()
