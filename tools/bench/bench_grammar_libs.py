@@ -87,7 +87,9 @@ def run_xgrammar(tok: Any, kind: str, spec: Any, tokens: list[int]) -> dict[str,
     compiler = xgr.GrammarCompiler(info, cache_enabled=False)
     t0 = time.perf_counter()
     if kind == "json_schema":
-        compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+        compiled = compiler.compile_json_schema(
+            json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":")
+        )
     else:
         compiled = compiler.compile_regex(spec)
     m = xgr.GrammarMatcher(compiled)
