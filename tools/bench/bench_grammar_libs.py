@@ -13,6 +13,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,25 @@ def allowed(bitmask: torch.Tensor, token: int) -> bool:
     return bool((int(bitmask[0, token // 32]) >> (token % 32)) & 1)
 
 
+def walk(
+    fill: Callable[[], object],
+    accept: Callable[[int], object],
+    mask: torch.Tensor,
+    tokens: list[int],
+    vocab: int,
+) -> dict[str, Any]:
+    """Fill the mask, check the next valid token is allowed, accept it: per-step times and allowed counts."""
+    steps, counts, ok = [], [], True
+    for t in tokens:
+        t0 = time.perf_counter()
+        fill()
+        ok &= allowed(mask, t)
+        accept(t)
+        steps.append(time.perf_counter() - t0)
+        counts.append(popcount(mask, vocab))
+    return {"step_ms": steps, "allowed_counts": counts, "valid_text_allowed": ok}
+
+
 def run_llguidance(tok: Any, kind: str, spec: Any, tokens: list[int]) -> dict[str, Any]:
     import llguidance
     import llguidance.torch
@@ -64,20 +84,8 @@ def run_llguidance(tok: Any, kind: str, spec: Any, tokens: list[int]) -> dict[st
     m = llguidance.LLMatcher(lltok, grammar, log_level=0)
     compile_s = time.perf_counter() - t0
     mask = llguidance.torch.allocate_token_bitmask(1, lltok.vocab_size)
-    steps, counts, ok = [], [], True
-    for t in tokens:
-        t0 = time.perf_counter()
-        llguidance.torch.fill_next_token_bitmask(m, mask, 0)
-        ok &= allowed(mask, t)
-        m.consume_token(t)
-        steps.append(time.perf_counter() - t0)
-        counts.append(popcount(mask, len(tok)))
-    return {
-        "compile_ms": compile_s * 1e3,
-        "step_ms": steps,
-        "allowed_counts": counts,
-        "valid_text_allowed": ok,
-    }
+    fill = lambda: llguidance.torch.fill_next_token_bitmask(m, mask, 0)  # noqa: E731
+    return {"compile_ms": compile_s * 1e3, **walk(fill, m.consume_token, mask, tokens, len(tok))}
 
 
 def run_xgrammar(tok: Any, kind: str, spec: Any, tokens: list[int]) -> dict[str, Any]:
@@ -95,20 +103,8 @@ def run_xgrammar(tok: Any, kind: str, spec: Any, tokens: list[int]) -> dict[str,
     m = xgr.GrammarMatcher(compiled)
     compile_s = time.perf_counter() - t0
     mask = xgr.allocate_token_bitmask(1, info.vocab_size)
-    steps, counts, ok = [], [], True
-    for t in tokens:
-        t0 = time.perf_counter()
-        m.fill_next_token_bitmask(mask)
-        ok &= allowed(mask, t)
-        m.accept_token(t)
-        steps.append(time.perf_counter() - t0)
-        counts.append(popcount(mask, len(tok)))
-    return {
-        "compile_ms": compile_s * 1e3,
-        "step_ms": steps,
-        "allowed_counts": counts,
-        "valid_text_allowed": ok,
-    }
+    fill = lambda: m.fill_next_token_bitmask(mask)  # noqa: E731
+    return {"compile_ms": compile_s * 1e3, **walk(fill, m.accept_token, mask, tokens, len(tok))}
 
 
 def main() -> None:
