@@ -52,6 +52,83 @@ def test_chain_top_k_then_xtc_runs_on_survivors() -> None:
     assert torch.equal(out.isfinite(), expected.isfinite())
 
 
+def _llama_min_p(x: torch.Tensor, p: float) -> torch.Tensor:
+    """llama.cpp's min-p, written out: keep the logits >= max + log(p)."""
+    return x.masked_fill(x < x.amax(-1, keepdim=True) + torch.log(torch.tensor(p)), float("-inf"))
+
+
+def _top_n_sigma_f64(x: torch.Tensor, n: float) -> torch.Tensor:
+    """Top-nσ in float64, std over the finite logits of each row."""
+    d = x.double()
+    out = x.clone()
+    for r in range(x.shape[0]):
+        fin = d[r][d[r].isfinite()]
+        out[r][d[r] < fin.max() - n * fin.std(correction=0)] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("offset", [0.0, -30.0, 25.0])
+def test_top_n_sigma_threshold_is_exact_far_from_zero(offset: float) -> None:
+    """The CPU fast path (chunked two-pass variance) keeps exactly the float64 definition's tokens."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40_000, generator=g) * 2.5 + offset
+    x[5, :100] = float("-inf")  # a row with banned tokens takes the masked path
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    for n in (0.5, 2.0, 3.5):
+        assert torch.equal(TopNSigma(n)(ids, x).isfinite(), _top_n_sigma_f64(x, n).isfinite())
+
+
+def test_chain_joins_thresholds_and_compacts_a_large_vocabulary() -> None:
+    """top-nσ then min-p over 20k tokens: kept once, as survivors (ragged rows, one row keeping all
+    but padding), then XTC and temperature on them; same distribution as the steps one after another."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 20_000, generator=g) * 3
+    x[1] = 0.0  # a flat row: everything survives
+    x[2, :7] = 50.0  # a row where few survive, among them token 0
+    x[3, 0] = float("-inf")
+    ids = torch.zeros(5, 1, dtype=torch.long)
+    params = {"top_n_sigma": 2.0, "min_p": 0.05, "xtc_probability": 1.0, "xtc_threshold": 0.01}
+    cfg = SamplingConfig.from_kwargs({**params, "temperature": 0.7, "samplers": "llama.cpp"})
+    out = TokenSelector(cfg, 1).process(ids, x)
+    expected = P.Temperature(0.7)(ids, XTC(1.0, 0.01)(ids, _llama_min_p(TopNSigma(2.0)(ids, x), 0.05)))
+    assert torch.equal(out.isfinite(), expected.isfinite())
+    torch.testing.assert_close(out.softmax(-1), expected.softmax(-1))
+
+
+def test_token_step_after_compaction_keeps_token_zero() -> None:
+    """DRY after min-p runs on the survivors scattered back: the -inf padding (token id 0) must not
+    overwrite a real token 0."""
+    x = torch.full((2, 10_000), -20.0)
+    x[0, [0, 5, 9]] = torch.tensor([3.0, 2.5, 2.0])
+    x[1, :40] = torch.linspace(1.0, 3.0, 40)
+    ids = torch.tensor([[5, 9, 0, 5, 9], [1, 2, 3, 1, 2]])
+    cfg = SamplingConfig.from_kwargs(
+        {"min_p": 0.05, "dry_multiplier": 0.8, "dry_sequence_breakers": [], "samplers": ["min_p", "dry"]}
+    )
+    sel = TokenSelector(cfg, 0)
+    out = sel.process(ids, x)
+    dry = next(p for n, p in sel.chain.steps if n == "dry")
+    expected = dry(ids, _llama_min_p(x, 0.05))
+    assert torch.equal(out.isfinite(), expected.isfinite())
+    torch.testing.assert_close(out[expected.isfinite()], expected[expected.isfinite()])
+    assert out[0, 0] < 3.0  # token 0 extends the repeat "5 9 0": DRY lowered it, and it survived
+
+
+def test_seeded_choice_is_the_same_with_and_without_compaction() -> None:
+    """The Gumbel noise is keyed by token id: a chain that compacts picks what the full vocabulary would."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 30_000, generator=g) * 3
+    ids = torch.zeros(8, 1, dtype=torch.long)
+    cfg = SamplingConfig.from_kwargs({"min_p": 0.1, "top_n_sigma": 1.0, "samplers": "llama.cpp"})
+    seeds = torch.arange(8)
+    compacted = TokenSelector(cfg, 1, seeds)(ids, x, 3).tokens
+    full = TokenSelector(cfg, 1, seeds).process(ids, x)
+    from llm_sampler import rng
+
+    keys = rng.row_keys(seeds, 3)
+    assert torch.equal(compacted, (full + rng.gumbel(keys, None, full)).argmax(-1))
+
+
 @pytest.mark.parametrize(
     ("params", "name"),
     [

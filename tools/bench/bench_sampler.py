@@ -96,30 +96,33 @@ class RefDRY:
 
 
 class RefTopNSigma:
+    """Top-nσ as a LogitsProcessor, vectorised over the batch (std over each row's finite logits)."""
+
     def __init__(self, n: float) -> None:
         self.n = n
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        out = scores.clone()
-        for r in range(scores.shape[0]):
-            fin = scores[r][scores[r].isfinite()]
-            out[r][scores[r] < fin.max() - self.n * fin.std(unbiased=False)] = float("-inf")
-        return out
+        finite = scores.isfinite()
+        count = finite.sum(-1, keepdim=True)
+        x = scores.masked_fill(~finite, 0.0)
+        mean = x.sum(-1, keepdim=True) / count
+        std = ((x - mean).square() * finite).sum(-1, keepdim=True).div(count).sqrt()
+        top = scores.amax(-1, keepdim=True)
+        return scores.masked_fill(scores < top - self.n * std, float("-inf"))
 
 
 class RefXTC:
+    """XTC as a LogitsProcessor, vectorised over the batch (the coin always lands: probability 1)."""
+
     def __init__(self, threshold: float) -> None:
         self.t = threshold
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        out = scores.clone()
         probs = scores.softmax(-1)
-        for r in range(scores.shape[0]):
-            above = (probs[r] >= self.t).nonzero()[:, 0]
-            if len(above) >= 2:
-                least = above[probs[r, above].argmin()]
-                out[r, above[above != least]] = float("-inf")
-        return out
+        above = probs >= self.t
+        least = probs.masked_fill(~above, 2.0).argmin(-1, keepdim=True)
+        remove = above.scatter(1, least, False) & (above.sum(-1, keepdim=True) >= 2)
+        return scores.masked_fill(remove, float("-inf"))
 
 
 def llama_chain(args: argparse.Namespace, repeat: int) -> dict[str, float]:

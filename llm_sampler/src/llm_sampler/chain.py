@@ -4,6 +4,11 @@ Without `samplers`, the order is transformers' (see `llm_sampler.processors`). W
 named run, in that order, after the bans that always apply first (logit_bias, no_repeat_ngram_size,
 bad_words_ids, min_new_tokens, user processors). A sampler named but switched off by its parameters is a
 no-op, as in llama.cpp. After `top_k` the later steps run on the k survivors only, like the default path.
+
+On the CPU a filter's survivors are compacted (`compact`: one `nonzero` pass), so the later steps and the
+draw touch only them. Filters that keep the scores above a row threshold (top-nσ, then min-p in llama.cpp's
+logit-space form, max + log(min_p)) are applied together: min-p's threshold is relative to the max, which
+no filter removes, so the two cost one comparison and one compaction.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ LLAMA_CPP_ORDER = (
 NAMES = frozenset(LLAMA_CPP_ORDER) | {"top_h", "epsilon_cutoff", "eta_cutoff"}
 TOKEN_STEPS = frozenset({"penalties", "dry"})  # need token ids, so the whole vocabulary
 FILTERS = frozenset({"top_n_sigma", "typical_p", "top_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h"})
+THRESHOLDS = frozenset({"top_n_sigma", "min_p"})  # keep the scores >= a row's threshold (`.threshold`)
+MAX_RELATIVE = frozenset({"min_p"})  # its threshold is the max's minus a constant: the same after any filter
 
 
 def resolve(samplers: str | Sequence[str] | None) -> list[str] | None:
@@ -103,8 +110,16 @@ class Chain:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx: torch.Tensor | None = None
         vocab = scores.shape[-1]
+        low: torch.Tensor | None = None  # (B, 1): threshold filters met so far keep scores >= low
         for name, proc in self.steps:
-            if name == "top_k" and isinstance(proc, P.TopK) and proc.top_k < scores.shape[-1]:
+            joins = name in THRESHOLDS and (low is None or name in MAX_RELATIVE)
+            if low is not None and not joins:
+                scores, idx = _keep(scores, idx, low)
+                low = None
+            if joins:  # applied once, with the next step that is not one
+                t = proc.threshold(scores)  # type: ignore[attr-defined]
+                low = t if low is None else torch.maximum(low, t)
+            elif name == "top_k" and isinstance(proc, P.TopK) and proc.top_k < scores.shape[-1]:
                 if idx is None:
                     scores, idx = torch.topk(scores, proc.top_k)
                 else:
@@ -112,18 +127,39 @@ class Chain:
                     idx = idx.gather(1, pos)
             elif name in TOKEN_STEPS and idx is not None:
                 full = torch.full((scores.shape[0], vocab), P.NEG_INF, device=scores.device)
-                scores = proc(input_ids, full.scatter(1, idx, scores)).gather(1, idx)
+                # amax: a padded slot of `compact` repeats token 0 with -inf
+                scores = proc(input_ids, full.scatter_reduce(1, idx, scores, "amax")).gather(1, idx)
             else:
                 scores = proc(input_ids, scores)
                 if idx is None and name in FILTERS and scores.device.type == "cpu":  # counting syncs a GPU
-                    scores, idx = _compact(scores)
+                    scores, idx = compact(scores, scores > P.NEG_INF)
+        if low is not None:
+            scores, idx = _keep(scores, idx, low)
         return scores, idx
 
 
-def _compact(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The finite scores and their token ids, when a filter left few (the later steps then run on them
-    only, as after top_k); None ids when most survive."""
-    k = int((scores > P.NEG_INF).sum(-1).max())
-    if k == 0 or 4 * k > scores.shape[-1]:
-        return scores, None
-    return torch.topk(scores, k)
+def _keep(
+    scores: torch.Tensor, idx: torch.Tensor | None, low: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    keep = scores >= low
+    if idx is not None or scores.device.type != "cpu":  # counting survivors syncs a GPU
+        return scores.masked_fill(~keep, P.NEG_INF), idx
+    return compact(scores, keep)
+
+
+def compact(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kept scores of each row and their token ids, (B, k) for the row keeping most, padded with -inf
+    (token id 0), when few are kept: later steps then run on them only, as after top_k. Over the whole
+    vocabulary (ids None) when most are kept. One `nonzero` pass (a bool sum or topk costs 5-10x more)."""
+    b, v = scores.shape
+    rows, cols = keep.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=b)
+    k = int(counts.max()) if b else 0
+    if k == 0 or 4 * k > v:
+        return scores.masked_fill(~keep, P.NEG_INF), None
+    pos = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    vals = torch.full((b, k), P.NEG_INF, dtype=scores.dtype)
+    ids = torch.zeros((b, k), dtype=torch.long)
+    vals[rows, pos] = scores[rows, cols]
+    ids[rows, pos] = cols
+    return vals, ids

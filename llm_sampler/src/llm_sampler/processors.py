@@ -186,6 +186,10 @@ class MinP:
         remove = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
         return scores.masked_fill(_keep_top(scores, remove), NEG_INF)
 
+    def threshold(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, 1): llama.cpp's min-p, in logit space: keep the logits >= max + log(min_p)."""
+        return scores.amax(-1, keepdim=True) + math.log(self.min_p)
+
 
 class TypicalP:
     """Locally typical sampling (Meister et al. 2022), as Hugging Face's `TypicalLogitsWarper`."""

@@ -112,7 +112,4 @@ class TokenSelector:
 def _survivors(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The tokens a chain left finite, when they are few (min-p, XTC, top-nσ over a whole vocabulary):
     the Gumbel noise is then drawn for them only. It is keyed by token id, so the choice is the same."""
-    k = int((vals > P.NEG_INF).sum(-1).max())
-    if k == 0 or 4 * k > vals.shape[-1]:
-        return vals, None
-    return torch.topk(vals, k)
+    return C.compact(vals, vals > P.NEG_INF)
