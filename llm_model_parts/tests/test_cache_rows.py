@@ -89,3 +89,41 @@ def test_reorder_follows_beams() -> None:
     got = f(nxt)
     want = part(torch.cat([ids[[2, 2, 0]], nxt], dim=1))[:, -1:]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_logits_to_keep_is_the_last_positions_of_the_full_logits() -> None:
+    """HF's `logits_to_keep`: the head runs on the last n positions only; same numbers as keeping all."""
+    path = fixtures.tiny_checkpoint("llama")
+    part = load_part(path, "f")
+    ids = torch.randint(3, 200, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        full = part(ids)
+        for n in (1, 4):
+            torch.testing.assert_close(part(ids, logits_to_keep=n), full[:, -n:], atol=1e-6, rtol=0)
+    f = part.as_forward_func(max_seq_len=64)
+    for _ in range(2):
+        f.add_row()
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    prompt = torch.randint(3, 200, (2, 5), generator=torch.Generator().manual_seed(2))
+    last = f(prompt, attention_mask=mask, rows=slice(0, 2), logits_to_keep=1)
+    assert last.shape == (2, 1, full.shape[-1])
+    f.reset()
+    for _ in range(2):
+        f.add_row()
+    every = f(prompt, attention_mask=mask, rows=slice(0, 2))
+    torch.testing.assert_close(last, every[:, -1:], atol=1e-6, rtol=0)
+
+
+def test_cache_grown_by_a_long_row_is_freed_when_the_last_row_leaves() -> None:
+    path = fixtures.tiny_checkpoint("llama")
+    f = load_part(path, "f").as_forward_func(max_seq_len=1024)
+    rows = [f.add_row(), f.add_row()]
+    first = f.cache
+    assert first is not None and first.max_seq_len == 256
+    f(torch.randint(3, 200, (1, 300)), rows=slice(1, 2), logits_to_keep=1)  # grows to 512
+    assert f.cache is not None and f.cache.max_seq_len == 512
+    f.remove_row(rows[0])
+    assert f.cache is not None  # a row is still in use: nothing moves
+    f.remove_row(0)
+    assert f.cache is None and f.rows == 0
+    assert f.add_row() == 0 and f.cache is not None and f.cache.max_seq_len == 256

@@ -76,6 +76,71 @@ def test_incremental_without_rows_one_at_a_time(tiny_llama: Any) -> None:
         assert tokens[0] == _alone(IncrementalHF(tiny_llama), prompt, params[0], n_new)
 
 
+class KeepingRows(StatelessRows):
+    """StatelessRows that takes `logits_to_keep` and records every call's rows and value of it."""
+
+    def __init__(self) -> None:
+        super().__init__(toy, 4)
+        self.calls: list[tuple[slice | None, int]] = []
+
+    def __call__(  # type: ignore[override]
+        self,
+        new_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rows: slice | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        self.calls.append((rows, logits_to_keep))
+        out = super().__call__(new_ids, attention_mask, rows)
+        return out[:, -logits_to_keep:] if logits_to_keep else out
+
+
+def test_engine_asks_for_the_last_logits_unless_prompt_logprobs_are_wanted() -> None:
+    f = KeepingRows()
+    engine = Engine(f, max_rows=4, prefill_chunk=2)
+    assert engine.f is f and engine.keeps_logits
+    engine.start()
+    prompts: list[Event] = []
+    try:
+        got = _run(engine, [([4, 5, 6, 7, 8], [{"temperature": 0}], 4)])
+        done = threading.Event()
+
+        def emit(ev: Event) -> None:
+            if ev.kind == "prompt":
+                prompts.append(ev)
+            if ev.kind in ("done", "error"):
+                done.set()
+
+        row = SamplingRow(SamplingConfig.from_kwargs({"temperature": 0}), [4, 5, 6, 7, 8], 1)
+        engine.submit(Job("echo", [4, 5, 6, 7, 8], [row], emit, prompt_logprobs=0))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert got[0][0] == _alone(toy, [4, 5, 6, 7, 8], {"temperature": 0}, 4)
+    keeps = [k for _, k in f.calls]
+    # job 1: 3 prefill chunks and 3 decode steps, last position only; job 2: 3 prefill chunks, all positions
+    assert keeps == [1] * 6 + [0] * 3, keeps
+    lp = [t.logprob for ev in prompts for t in ev.prompt or []]
+    assert len(lp) == 5 and lp[0] is None and all(x is not None for x in lp[1:])
+
+
+def test_idle_engine_gathers_a_wave_into_one_prefill_group() -> None:
+    f = KeepingRows()
+    engine = Engine(f, max_rows=4, admit_wait=0.5)
+    engine.start()
+    try:
+        out: list[list[list[int]]] = []
+        timer = threading.Timer(0.05, lambda: out.extend(_run(engine, [([9, 3], [{"temperature": 0}], 3)])))
+        timer.start()
+        first = _run(engine, [([4, 5, 6], [{"temperature": 0}], 3)])
+        timer.join()
+    finally:
+        engine.stop()
+    assert f.calls[0][0] == slice(0, 2)  # both rows prefilled together
+    assert first[0][0] == _alone(toy, [4, 5, 6], {"temperature": 0}, 3)
+    assert out[0][0] == _alone(toy, [9, 3], {"temperature": 0}, 3)
+
+
 def test_queue_full_and_cancel() -> None:
     engine = Engine(toy, max_rows=2, max_queue=1)
     row = SamplingRow(SamplingConfig(temperature=0), [1, 2], 4)

@@ -98,10 +98,14 @@ class IncrementalForward:
 
     def remove_row(self, row: int) -> int | None:
         """Retire row `row`: the last row in use moves into its index. Returns that row's old index, or
-        None when `row` was the last one."""
+        None when `row` was the last one. When no row is left, a cache grown past its first capacity is
+        freed (the next `add_row()` allocates a small one), so memory returns to its idle level."""
         if self.cache is None or not self._fixed:
             raise ValueError(f"remove_row({row}): no rows are in use")
-        return self.cache.remove_row(row)
+        moved = self.cache.remove_row(row)
+        if self.cache.rows == 0 and self.cache.max_seq_len > _MIN_CAPACITY:
+            self.cache, self._fixed = None, False  # idle: a long row's growth is given back
+        return moved
 
     def _ensure_rows_room(self, rows: slice, batch_size: int, new_tokens: int) -> KVCache:
         cache = self.cache
@@ -158,7 +162,9 @@ class IncrementalForward:
         new_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         rows: slice | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
+        """Logits (B, T, V) of the new tokens; `logits_to_keep=n` > 0: of the last n only, (B, n, V)."""
         if new_ids.dim() != 2:
             raise ValueError(f"new_ids must be a LongTensor (B, T), got shape {tuple(new_ids.shape)}")
         with torch.no_grad():  # not inference mode: the cache is updated in place outside it too
@@ -170,7 +176,8 @@ class IncrementalForward:
             slots = cache.begin(new_ids.shape[1], attention_mask, rows)
             x = new_ids
             for part in self.parts:
-                x = part(x.to(part.device), cache, slots=slots)
+                keep = logits_to_keep if part is self.parts[-1] else 0
+                x = part(x.to(part.device), cache, slots=slots, logits_to_keep=keep)
             cache.commit(slots)
             return x
 

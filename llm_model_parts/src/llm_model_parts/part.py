@@ -180,6 +180,7 @@ class Part(nn.Module):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: InputsEmbeds | None = None,
         slots: Slots | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """x: token ids (B, T) with begin, hidden states (B, T, hidden) otherwise.
 
@@ -192,6 +193,9 @@ class Part(nn.Module):
         (B, T, width) tensor used instead of the token embeddings (x may then be None); or an
         `(embeds, mask)` pair, embeds (N, width) or (B, n, width) written in order at the N positions where
         mask (B, T) is true; or embeds (N, width) alone, written where x is the config's image token id.
+
+        `logits_to_keep` (HF's name; parts holding end): n > 0 returns the logits of the last n positions
+        only, (B, n, vocab), and skips the head's work on the others; 0 keeps every position.
         """
         h = embed_inputs(self, x, inputs_embeds) if self.spec.begin else check_hidden(self, x)
         b, t = h.shape[:2]
@@ -208,7 +212,10 @@ class Part(nn.Module):
         if self.begin_section is not None:
             h = self.begin_section.finish(h, positions)
         step.rope = self._rope(positions, h.dtype)
-        out = self._output(self._layers(h, step, cache))
+        h = self._layers(h, step, cache)
+        if logits_to_keep > 0 and self.end_section is not None:
+            h = h[:, -logits_to_keep:]
+        out = self._output(h)
         if own:
             assert cache is not None and slots is not None
             cache.commit(slots)

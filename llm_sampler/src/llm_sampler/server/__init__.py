@@ -40,13 +40,15 @@ def create_app(
     max_rows: int = 8,
     max_queue: int = 64,
     prefill_chunk: int = 128,
+    admit_wait: float = 0.01,
     max_seq_len: int | None = None,
     max_body_bytes: int = 1 << 20,
     limits: Limits | None = None,
 ) -> Any:
     """The ASGI app. `api_key` (default: the env var LLM_SAMPLER_API_KEY; None or "" = open) is checked on
     every /v1 route (`Authorization: Bearer KEY`, else 401). The engine thread starts with the app's
-    lifespan. `app.state.engine` is the `Engine`."""
+    lifespan. `app.state.engine` is the `Engine`. `admit_wait`: seconds an idle engine waits for requests
+    arriving together, so that a wave of clients prefills as one group."""
     _require_extra()
     from llm_sampler.server.app import Server, ServerConfig, build_app
 
@@ -58,6 +60,7 @@ def create_app(
         max_queue=max_queue,
         prefill_chunk=prefill_chunk,
         max_seq_len=max_seq_len,
+        admit_wait=admit_wait,
     )
     config = ServerConfig(model_name, api_key, max_body_bytes, limits or Limits())
     app = build_app(Server(engine, tokenizer, config))

@@ -114,12 +114,15 @@ class Engine:
         max_queue: int = 64,
         prefill_chunk: int = 128,
         max_seq_len: int | None = None,
+        admit_wait: float = 0.0,
     ) -> None:
         self.f = as_rows(forward_func, max_rows)
         self.max_rows = min(max_rows, int(getattr(self.f, "max_rows", max_rows)))
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+        self.admit_wait = admit_wait
         self.max_seq_len = max_seq_len or getattr(self.f, "max_seq_len", None)
         self.can_rewind_row = _takes_row(self.f)
+        self.keeps_logits = _takes(self.f, "logits_to_keep")
         self.queue: deque[Job] = deque()
         self.slots: list[_Slot] = []
         self.group: _Group | None = None
@@ -204,6 +207,8 @@ class Engine:
     def _admit(self) -> None:
         jobs: list[Job] = []
         with self.cond:
+            if not self.slots and self.admit_wait > 0:
+                self._gather_arrivals()
             while (
                 self.queue
                 and len(self.slots) + sum(len(j.rows) for j in jobs) + len(self.queue[0].rows)
@@ -233,13 +238,25 @@ class Engine:
             mask = torch.tensor([[0] * o + [1] * (width - o) for o in offsets])
         self.group = _Group(first, new, ids, mask, offsets)
 
+    def _gather_arrivals(self) -> None:
+        """An idle engine waits up to `admit_wait` s for requests that arrive together (a wave of clients),
+        so that they prefill as one group rather than the first alone and the others after it."""
+        deadline = time.monotonic() + self.admit_wait
+        while self.running and sum(len(j.rows) for j in self.queue) < self.max_rows:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.cond.wait(left)
+
     def _prefill_chunk(self) -> None:
         g = self.group
         assert g is not None
         width = g.ids.shape[1]
         end = min(width, g.pos + max(1, self.prefill_chunk))
         rows = slice(g.first, g.first + len(g.slots))
-        kwargs = {} if g.mask is None else {"attention_mask": g.mask[:, :end]}
+        kwargs: dict[str, Any] = {} if g.mask is None else {"attention_mask": g.mask[:, :end]}
+        if self.keeps_logits:  # the head over the last position only, unless a prompt's logprobs are wanted
+            kwargs["logits_to_keep"] = 0 if any(s.job.prompt_logprobs is not None for s in g.slots) else 1
         try:
             logits = self.f(g.ids[:, g.pos : end], rows=rows, **kwargs)
         except Exception as e:
@@ -306,7 +323,7 @@ class Engine:
             return
         ids = torch.tensor([[s.last] for s in running])
         try:
-            logits = self.f(ids, rows=slice(0, n))
+            logits = self.f(ids, rows=slice(0, n), **({"logits_to_keep": 1} if self.keeps_logits else {}))
         except Exception as e:
             logger.exception("decode step failed")
             for s in running:
@@ -394,13 +411,16 @@ class Engine:
 
 
 def _takes_row(f: Any) -> bool:
+    return _takes(getattr(f, "rewind", None), "row")
+
+
+def _takes(fn: Any, name: str) -> bool:
     import inspect
 
-    rewind = getattr(f, "rewind", None)
-    if rewind is None:
+    if fn is None:
         return False
     try:
-        return "row" in inspect.signature(rewind).parameters
+        return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
 
