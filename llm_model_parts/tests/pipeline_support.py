@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -167,9 +168,109 @@ def real_script(f: object, job: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def rows_script(f: object, max_rows: int) -> dict[str, torch.Tensor]:
+    """The rows protocol (continuous batching) as a server drives it: rows join alone or as a left-padded
+    group while others decode, decode ragged, rewind, leave from the middle; `f` has `max_rows` rows."""
+    out: dict[str, torch.Tensor] = {}
+    g = torch.Generator().manual_seed(2)
+
+    def ids(b: int, t: int) -> torch.Tensor:
+        return torch.randint(3, 200, (b, t), generator=g)
+
+    call = f  # type: Any
+    assert call.add_row() == 0
+    p0 = ids(1, 9)
+    out["prefill_a"] = call(p0[:, :5], rows=slice(0, 1), logits_to_keep=0)
+    out["prefill_b"] = call(p0[:, 5:], rows=slice(0, 1), logits_to_keep=1)
+    out["decode1"] = call(ids(1, 1), rows=slice(0, 1), logits_to_keep=1)
+    assert (call.add_row(), call.add_row()) == (1, 2)  # a group joins while row 0 is 10 tokens in
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    out["group"] = call(ids(2, 7), attention_mask=mask, rows=slice(1, 3), logits_to_keep=0)
+    out["decode2"] = call(ids(3, 1), rows=slice(0, 3), logits_to_keep=1)
+    out["decode3"] = call(ids(3, 1), rows=slice(0, 3))  # the forward's own output setting
+    out["subset"] = call(ids(2, 1), rows=slice(0, 2), logits_to_keep=0)  # row 2 waits
+    call.rewind(1, row=0)
+    assert call.add_row() == 3  # joins alone with a longer prompt while the others wait
+    out["join"] = call(ids(1, 13), rows=slice(3, 4), logits_to_keep=0)
+    out["decode4"] = call(ids(4, 1), rows=slice(0, 4), logits_to_keep=1)
+    for _ in range(max_rows - 4):
+        call.add_row()
+    try:
+        call.add_row()
+        out["full"] = torch.tensor(0)
+    except RuntimeError as e:  # the forward keeps working
+        out["full"] = torch.tensor(int(f"all {max_rows} rows are in use" in str(e)))
+    for r in range(max_rows - 1, 3, -1):
+        call.remove_row(r)
+    out["moved"] = torch.tensor(call.remove_row(1))  # the last row (3) moves into row 1
+    out["decode5"] = call(ids(3, 1), rows=slice(0, 3), logits_to_keep=0)
+    out["last_leaves"] = torch.tensor(-1 if call.remove_row(2) is None else 1)
+    out["decode6"] = call(ids(2, 3), rows=slice(0, 2), logits_to_keep=0)  # several tokens, ragged
+    call.rewind(2)  # every row
+    out["decode7"] = call(ids(2, 1), rows=slice(0, 2), logits_to_keep=0)
+    call.reset()  # back to a fixed batch
+    out["fixed"] = call(ids(2, 5), logits_to_keep=0)
+    call.reset()
+    assert call.add_row() == 0
+    out["rows_again"] = call(ids(1, 4), rows=slice(0, 1), logits_to_keep=0)
+    return out
+
+
+class KeepLogits:
+    """`logits_to_keep` (0 = all, 1 = the last, None = the last, as the launcher's output="last") over a
+    forward_func without it, for the reference side of rows_script."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+
+    def __call__(self, new_ids: torch.Tensor, logits_to_keep: int | None = None, **kw: Any) -> torch.Tensor:
+        out: torch.Tensor = self.f(new_ids, **kw)
+        return out if logits_to_keep == 0 else out[:, -1:]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
+def _rows_rank(args: argparse.Namespace, rank: int, world: int, specs: list[str]) -> None:
+    """One rank of a real-model pipeline running rows_script; ROWS_CAP="RANK:N" makes that rank's stage
+    hold at most N rows (a rank that cannot add a row)."""
+    from safetensors.torch import save_file
+
+    from llm_model_parts.pipeline import PipelineDriver, init_distributed, load_stage, run_worker
+
+    job = json.loads((args.out / "job.json").read_text())
+    init_distributed(device="cpu", timeout=args.timeout)
+    stage = load_stage(
+        job["model"],
+        specs[rank],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        max_seq_len=job["max_seq_len"],
+    )
+    cap = os.environ.get("ROWS_CAP")
+    if cap and int(cap.split(":")[0]) == rank:
+        new_rows = stage.new_rows
+        assert new_rows is not None
+        stage.new_rows = lambda _n: new_rows(int(cap.split(":")[1]))
+    try:
+        if rank > 0:
+            run_worker(stage, timeout=args.timeout)
+            return
+        driver = PipelineDriver(
+            stage, world=world, micro_batches=args.micro_batches, prefill_chunk=args.prefill_chunk,
+            output="last", max_rows=job["max_rows"], timeout=args.timeout,
+        )  # fmt: skip
+        with driver:
+            out = rows_script(driver, job["max_rows"])
+        save_file({k: v.contiguous() for k, v in out.items()}, str(args.out / "rank0.safetensors"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=["script", "loop", "idle", "real"])
+    ap.add_argument("scenario", choices=["script", "loop", "idle", "real", "rows"])
     ap.add_argument("out", type=Path)
     ap.add_argument("specs")
     ap.add_argument("--timeout", type=float, default=10.0)
@@ -184,6 +285,9 @@ def main() -> None:
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     specs = args.specs.split(",")
+    if args.scenario == "rows":
+        _rows_rank(args, rank, world, specs)
+        return
     if args.scenario == "real":
         job = json.loads((args.out / "job.json").read_text())
         driver = start_pipeline(

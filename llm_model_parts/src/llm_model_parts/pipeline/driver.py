@@ -3,11 +3,13 @@
 Each call splits the batch into micro-batches (rows) and long inputs into chunks (positions), runs rank 0's
 own part on each and sends the hidden states down; the last rank sends logits (or only the last position's,
 or the argmax token ids) back. Several micro-batches are in flight at once, so during a prefill every stage
-computes while the others do. Commands (reset, rewind, shutdown) flow down the same path, so they stay
-ordered with the data. When idle, the driver sends a heartbeat round the ring every `timeout / 4` seconds.
+computes while the others do. Commands (reset, rewind, add/remove row, shutdown) flow down the same path, so
+they stay ordered with the data. When idle, the driver sends a heartbeat round the ring every `timeout / 4`
+seconds.
 
-The driver owns the sequence: `seq_len` and `batch_size` are authoritative, and every rank's caches (one per
-micro-batch, see stage.py) follow its calls, rewinds and resets.
+The driver owns the sequence: `seq_len` and `batch_size` (a fixed batch) or each row's length (the rows
+protocol, rows.py) are authoritative, and every rank's caches (one per micro-batch, or one stage-wide rows
+cache, see stage.py) follow its calls, row moves, rewinds and resets.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ import torch
 import torch.distributed as dist
 
 from llm_model_parts.pipeline.handshake import check_chain, handshake
-from llm_model_parts.pipeline.stage import OUTPUTS, Output, Stage, StageCaches, StageInfo, select_output
+from llm_model_parts.pipeline.rows import Rows, RowsProtocol, split_rows
+from llm_model_parts.pipeline.stage import (
+    OUTPUTS,
+    Output,
+    Stage,
+    StageCaches,
+    StageInfo,
+    output_mode,
+    select_output,
+)
 from llm_model_parts.pipeline.transport import (
     TAG_DOWN,
     TAG_RETURN,
@@ -38,13 +49,15 @@ from llm_model_parts.pipeline.transport import (
 logger = logging.getLogger(__name__)
 
 
-class PipelineDriver:
+class PipelineDriver(RowsProtocol):
     """Rank 0's side: an incremental forward_func over the whole pipeline.
 
     `driver(new_ids, attention_mask=None)` returns logits [B, T, V] (output="logits"), the last position's
     [B, 1, V] ("last": 1/T of the traffic back, enough to generate) or argmax ids [B, T] ("argmax").
     `micro_batches` splits the rows, `prefill_chunk` splits long inputs into chunks of that many positions,
-    so that the stages work on different pieces at once.
+    so that the stages work on different pieces at once. `logits_to_keep` (HF's) overrides `output` per
+    call: 0 = every position, 1 = the last. The rows protocol (docs/forward_func.md, rows.py): `add_row()`,
+    `remove_row(row)`, `driver(new_ids, attention_mask, rows=slice(a, b))`, `rewind(n, row=r)`.
     """
 
     def __init__(
@@ -56,6 +69,7 @@ class PipelineDriver:
         micro_batches: int = 1,
         prefill_chunk: int | None = None,
         output: str = "logits",
+        max_rows: int = 8,
         timeout: float = 60.0,
         heartbeat: float | None = None,
         on_failure: Callable[[PipelineError], None] | None = None,
@@ -67,11 +81,14 @@ class PipelineDriver:
             raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an int >= 1, got {max_rows!r}")
         self.world = dist.get_world_size() if world is None and dist.is_initialized() else (world or 1)
         self.stage = stage
         self.micro_batches = micro_batches
         self.prefill_chunk = prefill_chunk
         self.output = output
+        self.max_rows = max_rows
         self.timeout = timeout
         self.on_failure = on_failure
         self.owns_group = owns_group  # close() destroys the process group (start_pipeline created it)
@@ -95,8 +112,9 @@ class PipelineDriver:
             if self.world > 1
             else None
         )
-        self.seq_len = 0
+        self._seq_len = 0
         self.batch_size: int | None = None
+        self._rows: Rows | None = None  # in the rows protocol: from the first add_row() to reset()
         self._groups: list[tuple[int, int]] = []
         self._lock = threading.Lock()
         self._failure: PipelineError | None = None
@@ -117,18 +135,41 @@ class PipelineDriver:
         """The error that stopped the pipeline (a rank died, hung or raised; later calls raise it), or None."""
         return self._failure
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per row of the fixed batch; with rows, those of the longest row in use."""
+        return max(self._rows.lengths, default=0) if self._rows is not None else self._seq_len
+
     # --- the forward_func contract --------------------------------------------------------------------------
 
-    def __call__(self, new_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        new_ids, mask = self._check_call(new_ids, attention_mask)
-        t = new_ids.shape[1]
+    def __call__(
+        self,
+        new_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        rows: slice | None = None,
+        logits_to_keep: int | None = None,
+    ) -> torch.Tensor:
+        mode, keep = output_mode(self.output, logits_to_keep)
+        if rows is None and self._rows is None:
+            ids, mask = self._check_call(new_ids, attention_mask)
+            groups, base, first = self._groups, self._seq_len, None
+        else:
+            rows = slice(None) if rows is None else rows
+            r0, r1, base = self._in_rows("rows=").check_call(rows, new_ids, attention_mask)
+            ids = new_ids.long().to(self.device)
+            mask = attention_mask.long().to(self.device) if attention_mask is not None else None
+            groups, first = split_rows(r1 - r0, self.micro_batches), r0
+        t = ids.shape[1]
         chunk = self.prefill_chunk or t
-        items = [(g, s, min(s + chunk, t)) for s in range(0, t, chunk) for g in range(len(self._groups))]
-        mode = OUTPUTS.index(self.output)
+        items = [(g, s, min(s + chunk, t)) for s in range(0, t, chunk) for g in range(len(groups))]
         with self._guard():
-            results = self._run(items, new_ids, mask, mode, packed=None)
-        self.seq_len += t
-        return self._assemble(results, items, mode)
+            results = self._run(items, groups, ids, mask, mode, base=base, first_row=first)
+        if self._rows is None:
+            self._seq_len += t
+        else:
+            self._rows.commit(r0, r1, t)
+        out = self._assemble(results, len(groups), mode)
+        return out[:, -keep:] if keep > 1 else out
 
     def forward_packed(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tree_mask: torch.Tensor
@@ -138,13 +179,16 @@ class PipelineDriver:
             raise NotImplementedError("this pipeline's parts do not offer forward_packed")
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"forward_packed takes input_ids [1, N], got {list(input_ids.shape)}")
+        if self._rows is not None:
+            raise ValueError("forward_packed: not while rows are in use (the rows protocol); reset() first")
         if not self._groups:  # nothing sent yet: after reset() the packed tokens form whole sequences
             self._groups = [(0, 1)]
         n = input_ids.shape[1]
         items = [(0, 0, n)]
+        packed = (position_ids.long(), tree_mask.bool())
         with self._guard():
             results = self._run(
-                items, input_ids.long(), None, Output.LOGITS, packed=(position_ids.long(), tree_mask.bool())
+                items, self._groups, input_ids.long(), None, Output.LOGITS, base=self._seq_len, packed=packed
             )
         return results[0]
 
@@ -155,11 +199,15 @@ class PipelineDriver:
                 self._caches.reset()
             if self._down is not None:
                 self._down.send(Header(Command.RESET))
-        self.seq_len = 0
+        self._seq_len = 0
         self.batch_size = None
+        self._rows = None
 
-    def rewind(self, n: int) -> None:
-        """Drop the last `n` tokens of every row on every rank."""
+    def rewind(self, n: int, row: int | None = None) -> None:
+        """Drop the last `n` tokens of every row (or of row `row`, with rows) on every rank."""
+        if row is not None or self._rows is not None:
+            self._rewind_rows(n, row)
+            return
         if not 0 <= n <= self.seq_len:
             raise ValueError(f"rewind({n}): the cache holds {self.seq_len} tokens")
         if n == 0:
@@ -169,7 +217,7 @@ class PipelineDriver:
                 self._caches.rewind(n)
             if self._down is not None:
                 self._down.send(Header(Command.REWIND, arg=n))
-        self.seq_len -= n
+        self._seq_len -= n
 
     def close(self) -> None:
         """Shut the workers down (they return from run_worker) and stop the heartbeat."""
@@ -224,8 +272,7 @@ class PipelineDriver:
             )
         if self.batch_size is None:
             self.batch_size = b
-            bounds = torch.tensor_split(torch.arange(b), min(self.micro_batches, b))
-            self._groups = [(int(r[0]), int(r[-1]) + 1) for r in bounds]
+            self._groups = split_rows(b, self.micro_batches)
         ids = new_ids.long().to(self.device)
         return ids, (attention_mask.long().to(self.device) if attention_mask is not None else None)
 
@@ -255,23 +302,35 @@ class PipelineDriver:
     def _run(
         self,
         items: list[tuple[int, int, int]],
+        groups: list[tuple[int, int]],
         ids: torch.Tensor,
         mask: torch.Tensor | None,
         mode: int,
-        packed: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        base: int,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
+        first_row: int | None = None,
     ) -> list[torch.Tensor]:
+        """Send `items` (group, chunk start, chunk end) down, collect what comes back. `groups` are row
+        ranges of `ids`; a fixed batch addresses group g's cache by g, rows (`first_row` given) address
+        rows first_row + r0 .. first_row + r1 of every rank's rows cache. `base`: tokens a mask covers
+        before `ids`."""
         local: list[torch.Tensor] = []
         final_start = items[-1][1]
+        addresses = [g if first_row is None else first_row + r0 for g, (r0, _) in enumerate(groups)]
         for g, s, e in items:
-            r0, r1 = self._groups[g]
+            r0, r1 = groups[g]
             x = ids[r0:r1, s:e]
-            m = mask[r0:r1, : self.seq_len + e] if mask is not None else None
+            m = mask[r0:r1, : base + e] if mask is not None else None
             item_mode = Output.NONE if mode == Output.LAST and s != final_start else mode
             if self._caches is not None:
                 if packed is not None:
                     x = self._caches.forward_packed(
                         g, x, packed[0].to(self.device), packed[1].to(self.device)
                     )
+                elif first_row is not None:
+                    rows = slice(addresses[g], addresses[g] + r1 - r0)
+                    x = self._caches.in_rows("a rows call")(x, m, rows)
                 else:
                     x = self._caches.get(g)(x, attention_mask=m)
             if self._down is None:
@@ -280,8 +339,9 @@ class PipelineDriver:
             extra = [m.to(torch.uint8)] if m is not None else []
             if packed is not None:
                 extra = [packed[0], packed[1].to(torch.uint8)]
-            command = Command.PACKED if packed is not None else Command.FORWARD
-            self._down.send(Header(command, g, item_mode), [x, *extra])
+            command = Command.FORWARD if first_row is None else Command.ROWS
+            command = Command.PACKED if packed is not None else command
+            self._down.send(Header(command, addresses[g], item_mode), [x, *extra])
         if self._down is None:
             return local
         assert self._back is not None
@@ -290,22 +350,18 @@ class PipelineDriver:
             header, tensors = self._back.recv()
             if header.command == Command.ERROR:
                 raise RemoteError(decode_text(tensors))
-            if header.command != Command.RESULT or header.item != g:
+            if header.command != Command.RESULT or header.item != addresses[g]:
                 raise PipelineError(
                     f"rank {self.world - 1} sent {header.command.name} for micro-batch {header.item}, "
-                    f"expected RESULT for micro-batch {g}"
+                    f"expected RESULT for micro-batch {addresses[g]}"
                 )
             results += [t.to(self.device) for t in tensors]
         self._down.flush()
         return results
 
-    def _assemble(
-        self, results: list[torch.Tensor], items: list[tuple[int, int, int]], mode: int
-    ) -> torch.Tensor:
+    def _assemble(self, results: list[torch.Tensor], n_groups: int, mode: int) -> torch.Tensor:
         if mode == Output.LAST:
-            results = results[-len(self._groups) :]
-            return torch.cat(results, 0)
-        n_groups = len(self._groups)
+            return torch.cat(results[-n_groups:], 0)
         rows = [torch.cat(results[g::n_groups], 1) for g in range(n_groups)]
         return torch.cat(rows, 0)
 

@@ -66,6 +66,7 @@ def start_pipeline(
     micro_batches: int = 1,
     prefill_chunk: int | None = None,
     output: str = "logits",
+    max_rows: int = 8,
     timeout: float = 60.0,
     startup_timeout: float = 600.0,
     memory: int | str | None = None,
@@ -75,7 +76,8 @@ def start_pipeline(
     Rank 0 gets a PipelineDriver (an incremental forward_func); every other rank serves its stage until
     rank 0 closes the driver, then gets None. `plan` is "auto" (`plan_split` over each rank's `memory`,
     default: what this device has free) or one spec per rank. Batches of up to `batch_size` rows
-    (`micro_batches` cache sets of batch_size/micro_batches rows on every rank).
+    (`micro_batches` cache sets of batch_size/micro_batches rows on every rank), or, through the rows
+    protocol (continuous batching), up to `max_rows` rows in one cache per rank.
     """
     from llm_model_parts.pipeline.plan import detect_memory, parse_bytes, plan_split
 
@@ -110,6 +112,7 @@ def start_pipeline(
                 micro_batches=micro_batches,
                 prefill_chunk=prefill_chunk,
                 output=output,
+                max_rows=max_rows,
                 timeout=timeout,
                 owns_group=own_group,
             )

@@ -3,7 +3,9 @@
 With `--http HOST:PORT` it serves an OpenAI-compatible HTTP API instead (llm_sampler's server, the extra
 `llm-sampler[server]`): `python -m llm_model_parts.serve --model DIR --http 127.0.0.1:8000` in one process
 (continuous batching over the part's KV cache rows; `--offload BUDGET` streams the layers with llm_offload),
-or the same flags under torchrun, where rank 0 serves the pipeline (one request at a time). See docs/server.md.
+or the same flags under torchrun, where rank 0 serves the pipeline (continuous batching too: up to
+`--max-rows` rows in one KV cache per rank, each request's rows joining and leaving between steps). See
+docs/server.md.
 
 Every rank loads its part of DIR (a sepweight or HF directory: only the files its spec needs); rank 0
 tokenizes, generates through the pipeline and prints. Without --prompt / --prompts-file, rank 0 reads
@@ -121,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             dtype=getattr(torch, args.dtype),
             max_seq_len=args.max_seq_len,
-            batch_size=args.batch_size,
+            # the planner reserves KV cache for the rows the server runs at once
+            batch_size=max(args.batch_size, args.max_rows) if args.http is not None else args.batch_size,
             micro_batches=args.micro_batches,
             prefill_chunk=args.prefill_chunk,
-            output="last",  # generation needs only the last position's logits: 1/T of the traffic back
+            # generation needs only the last position's logits (1/T of the traffic back); the server asks
+            # for every position (logits_to_keep=0) when a request wants the prompt's log-probabilities
+            output="last",
+            max_rows=args.max_rows,
             timeout=args.timeout,
             startup_timeout=args.startup_timeout,
             memory=args.memory,

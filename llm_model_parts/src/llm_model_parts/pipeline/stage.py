@@ -1,12 +1,15 @@
 """What one pipeline rank holds: `StageInfo` (its description), `Stage` (the description and a factory of
 incremental forwards over its part), `PartForward` (one micro-batch's forward over a Part, owning that
-micro-batch's `KVCache`), `StageCaches` (a rank's forwards, one per micro-batch), and what the last rank
-sends back (`Output`, `select_output`).
+micro-batch's `KVCache`), `PartRows` (the rows protocol over a Part: one stage-wide `KVCache` whose rows
+join and leave), `StageCaches` (a rank's forwards, one per micro-batch, or its rows), and what the last
+rank sends back (`Output`, `select_output`).
 
 Sequence state on a rank has one owner per micro-batch: the `KVCache` its `PartForward` allocated with
 `part.new_cache(...)` and passes to every call; the Part itself holds none, so the micro-batches share its
 weights without swapping anything in or out. Rank 0's `PipelineDriver.seq_len` is the authoritative length
-of the sequence: the ranks' caches follow its calls, rewinds and resets.
+of the sequence: the ranks' caches follow its calls, rewinds and resets. With rows (continuous
+batching) every rank keeps one `KVCache` of `max_rows` rows instead and applies the driver's row moves, so
+the rows are the same on every rank.
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ class StageForward(Protocol):
     def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor: ...
     def reset(self) -> None: ...
     def rewind(self, n: int) -> None: ...
+
+
+class StageRows(Protocol):
+    """A stage's rows (continuous batching): `f(x, attention_mask, rows)` over rows `rows` of one cache,
+    `add_row()`, `remove_row(row)`, `rewind(n, row=None)`."""
+
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice) -> torch.Tensor: ...
+    def add_row(self) -> int: ...
+    def remove_row(self, row: int) -> int | None: ...
+    def rewind(self, n: int, row: int | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,7 @@ class Stage:
     new_forward: Callable[[], StageForward]
     module: Any = None  # the Part, kept alive
     packed: bool = False  # the forwards offer forward_packed
+    new_rows: Callable[[int], StageRows] | None = None  # rows over max_rows rows; None: no rows protocol
 
 
 def stage_from_part(part: Part, *, max_seq_len: int, spec: str | None = None) -> Stage:
@@ -94,7 +108,13 @@ def stage_from_part(part: Part, *, max_seq_len: int, spec: str | None = None) ->
         max_seq_len=max_seq_len,
         architecture=str(getattr(cfg, "model_type", "")),
     )
-    return Stage(info, lambda: PartForward(part, max_seq_len), module=part, packed=True)
+    return Stage(
+        info,
+        lambda: PartForward(part, max_seq_len),
+        module=part,
+        packed=True,
+        new_rows=lambda max_rows: PartRows(part, max_seq_len, max_rows),
+    )
 
 
 def load_stage(
@@ -149,13 +169,46 @@ class PartForward:
             self.cache.rewind(n)
 
 
+_MIN_ROWS_CAPACITY = 256  # slots per row a rows cache starts with (as IncrementalForward's)
+
+
+class PartRows:
+    """The rows protocol over a Part: one `KVCache` of `max_rows` rows (none in use at first), growing by
+    doubling up to `max_seq_len` as rows get longer. Every rank's PartRows applies the same row moves."""
+
+    def __init__(self, part: Part, max_seq_len: int, max_rows: int) -> None:
+        self.part = part
+        self.max_seq_len = max_seq_len
+        self.cache = part.new_cache(max_rows, min(max_seq_len, _MIN_ROWS_CAPACITY), rows=0)
+
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        needed = max(self.cache.lengths[rows]) + x.shape[1]
+        if self.cache.max_seq_len < needed <= self.max_seq_len:
+            self.cache = self.cache.grown(min(self.max_seq_len, 1 << (needed - 1).bit_length()))
+        with torch.no_grad():
+            slots = self.cache.begin(x.shape[1], attention_mask, rows)
+            out: torch.Tensor = self.part(x, self.cache, slots=slots)
+            self.cache.commit(slots)
+            return out
+
+    def add_row(self) -> int:
+        return self.cache.add_row()
+
+    def remove_row(self, row: int) -> int | None:
+        return self.cache.remove_row(row)
+
+    def rewind(self, n: int, row: int | None = None) -> None:
+        self.cache.rewind(n, row)
+
+
 class StageCaches:
     """A rank's sequence state: one forward (and so one KV cache) per micro-batch, created on first use and
-    kept across resets."""
+    kept across resets; or, between the first `add_row` after a reset and the next reset, the stage's rows."""
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
         self.forwards: dict[int, StageForward] = {}
+        self.rows: StageRows | None = None
 
     def get(self, item: int) -> StageForward:
         f = self.forwards.get(item)
@@ -173,17 +226,37 @@ class StageCaches:
         out: torch.Tensor = packed(x, position_ids, tree_mask)
         return out
 
+    def add_row(self, max_rows: int) -> int:
+        """A new row; the first after a reset allocates the stage's rows (`max_rows` of them)."""
+        if self.rows is None:
+            if self.stage.new_rows is None:
+                raise PipelineError(
+                    f"this stage ({self.stage.info.spec!r}) does not speak the rows protocol (add_row)"
+                )
+            self.rows = self.stage.new_rows(max_rows)
+        return self.rows.add_row()
+
+    def in_rows(self, what: str) -> StageRows:
+        if self.rows is None:
+            raise PipelineError(f"{what}: no rows are in use on this stage ({self.stage.info.spec!r})")
+        return self.rows
+
     def reset(self) -> None:
         for f in self.forwards.values():
             f.reset()
+        self.rows = None
 
     def rewind(self, n: int) -> None:
+        if self.rows is not None:
+            self.rows.rewind(n)
+            return
         for f in self.forwards.values():
             f.rewind(n)
 
     def clear(self) -> None:
         """Free every cache."""
         self.forwards.clear()
+        self.rows = None
 
 
 def check_input(info: StageInfo, x: torch.Tensor, sender: int) -> None:
@@ -224,3 +297,17 @@ def select_output(y: torch.Tensor, mode: int) -> list[torch.Tensor]:
     if mode == Output.NONE:
         return []
     return [y]
+
+
+def output_mode(output: str, logits_to_keep: int | None) -> tuple[int, int]:
+    """The output mode for one call (`logits_to_keep` as HF's, None: `output`), and how many last positions to keep of full logits (0: all)."""
+    if logits_to_keep is None:
+        return OUTPUTS.index(output), 0
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(
+            f"logits_to_keep must be None (the driver's output={output!r}), 0 (every position), 1 (the last) "
+            f"or k > 1 (the last k), got {logits_to_keep!r}"
+        )
+    if logits_to_keep == 1:
+        return Output.LAST, 0
+    return Output.LOGITS, logits_to_keep

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 MAGIC = 0x4C4D5050  # "LMPP"
-VERSION = 1
+VERSION = 2  # 2: the rows commands
 MAX_PAYLOADS = 3
 MAX_DIMS = 3
 HEADER_LEN = 8 + MAX_PAYLOADS * (2 + MAX_DIMS)
@@ -44,6 +44,11 @@ class Command(IntEnum):
     SHUTDOWN = 8  # the last rank answers SHUTDOWN to rank 0
     ERROR = 9  # payload: the message, utf-8
     RESULT = 10  # last rank -> rank 0: logits / token ids of one micro-batch (arg: output mode)
+    # the rows protocol (continuous batching): one stage-wide cache whose rows join and leave
+    ADD_ROW = 11  # item: the new row's index, arg: max_rows; the last rank answers ADD_ROW to rank 0
+    REMOVE_ROW = 12  # item: the row; the last row in use moves into it
+    REWIND_ROW = 13  # item: the row, arg: number of tokens
+    ROWS = 14  # ids or hidden states [+ attention mask] of rows item .. item + B (arg: output mode)
 
 
 _DTYPES: list[torch.dtype] = [
@@ -74,8 +79,8 @@ class RemoteError(PipelineError):
 @dataclass(frozen=True)
 class Header:
     command: Command
-    item: int = 0  # micro-batch index
-    arg: int = 0  # rewind count / output mode / ping number
+    item: int = 0  # micro-batch index / first row
+    arg: int = 0  # rewind count / output mode / ping number / max_rows
     payloads: tuple[tuple[torch.dtype, tuple[int, ...]], ...] = ()
 
     def encode(self) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The loop every rank but 0 runs (`run_worker`): receive from rank r-1, run this rank's part on the micro-batch's
-own cache, send to r+1 (or back to rank 0 from the last rank)."""
+own cache (or on its rows of the stage-wide rows cache), send to r+1 (or back to rank 0 from the last rank)."""
 
 from __future__ import annotations
 
@@ -100,11 +100,23 @@ def _serve(
                 outbox.send(Header(Command.RESULT, header.item, header.arg), select_output(y, header.arg))
             else:
                 outbox.send(Header(Command.PACKED, header.item, header.arg), [y, *tensors[1:]])
-        elif cmd in (Command.RESET, Command.REWIND):
-            if cmd == Command.RESET:
-                caches.reset()
+        elif cmd == Command.ROWS:
+            x = tensors[0].to(device)
+            check_input(info, x, inbox.peer)
+            mask = tensors[1].to(device).long() if len(tensors) > 1 else None
+            rows = slice(header.item, header.item + x.shape[0])
+            y = caches.in_rows("a rows call")(x, mask, rows)
+            if last:
+                outbox.send(Header(Command.RESULT, header.item, header.arg), select_output(y, header.arg))
             else:
-                caches.rewind(header.arg)
+                outbox.send(Header(Command.ROWS, header.item, header.arg), [y, *tensors[1:]])
+        elif cmd == Command.ADD_ROW:
+            row = caches.add_row(header.arg)
+            if row != header.item:
+                raise PipelineError(f"add_row gave row {row} here but row {header.item} on rank 0")
+            outbox.send(header)  # the last rank's answers rank 0: every rank has the row
+        elif cmd in (Command.RESET, Command.REWIND, Command.REMOVE_ROW, Command.REWIND_ROW):
+            _apply(caches, header)
             if not last:
                 outbox.send(header)
         elif cmd == Command.PING:
@@ -118,3 +130,15 @@ def _serve(
             raise RemoteError(decode_text(tensors))
         else:
             raise PipelineError(f"rank {rank}: unexpected command {cmd.name} from rank {inbox.peer}")
+
+
+def _apply(caches: StageCaches, header: Header) -> None:
+    """A command that moves sequence state and has no answer."""
+    if header.command == Command.RESET:
+        caches.reset()
+    elif header.command == Command.REWIND:
+        caches.rewind(header.arg)
+    elif header.command == Command.REMOVE_ROW:
+        caches.in_rows("remove_row").remove_row(header.item)
+    else:
+        caches.in_rows("rewind(row=)").rewind(header.arg, header.item)
