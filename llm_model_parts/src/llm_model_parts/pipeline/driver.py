@@ -3,9 +3,8 @@
 Each call splits the batch into micro-batches (rows) and long inputs into chunks (positions), runs rank 0's
 own part on each and sends the hidden states down; the last rank sends logits (or only the last position's,
 or the argmax token ids) back. Several micro-batches are in flight at once, so during a prefill every stage
-computes while the others do. Commands (reset, rewind, add/remove row, shutdown) flow down the same path, so
-they stay ordered with the data. When idle, the driver sends a heartbeat round the ring every `timeout / 4`
-seconds.
+computes while the others do. Commands (reset, rewind, row moves, shutdown) flow down the same path, so they
+stay ordered with the data. When idle, the driver sends a heartbeat round the ring every `timeout / 4` s.
 
 The driver owns the sequence: `seq_len` and `batch_size` (a fixed batch) or each row's length (the rows
 protocol, rows.py) are authoritative, and every rank's caches (one per micro-batch, or one stage-wide rows
@@ -31,6 +30,7 @@ from llm_model_parts.pipeline.stage import (
     Stage,
     StageCaches,
     StageInfo,
+    logits_to_compute,
     output_mode,
     select_output,
 )
@@ -330,7 +330,7 @@ class PipelineDriver(RowsProtocol):
                     )
                 elif first_row is not None:
                     rows = slice(addresses[g], addresses[g] + r1 - r0)
-                    x = self._caches.in_rows("a rows call")(x, m, rows)
+                    x = self._caches.in_rows("a rows call")(x, m, rows, logits_to_compute(item_mode))
                 else:
                     x = self._caches.get(g)(x, attention_mask=m)
             if self._down is None:

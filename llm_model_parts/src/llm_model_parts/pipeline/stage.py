@@ -38,10 +38,12 @@ class StageForward(Protocol):
 
 
 class StageRows(Protocol):
-    """A stage's rows (continuous batching): `f(x, attention_mask, rows)` over rows `rows` of one cache,
-    `add_row()`, `remove_row(row)`, `rewind(n, row=None)`."""
+    """A stage's rows (continuous batching): `f(x, attention_mask, rows, logits_to_keep=0)` over rows `rows`
+    of one cache, `add_row()`, `remove_row(row)`, `rewind(n, row=None)`."""
 
-    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice) -> torch.Tensor: ...
+    def __call__(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice, logits_to_keep: int = 0
+    ) -> torch.Tensor: ...
     def add_row(self) -> int: ...
     def remove_row(self, row: int) -> int | None: ...
     def rewind(self, n: int, row: int | None = None) -> None: ...
@@ -181,13 +183,15 @@ class PartRows:
         self.max_seq_len = max_seq_len
         self.cache = part.new_cache(max_rows, min(max_seq_len, _MIN_ROWS_CAPACITY), rows=0)
 
-    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice, logits_to_keep: int = 0
+    ) -> torch.Tensor:
         needed = max(self.cache.lengths[rows]) + x.shape[1]
         if self.cache.max_seq_len < needed <= self.max_seq_len:
             self.cache = self.cache.grown(min(self.max_seq_len, 1 << (needed - 1).bit_length()))
         with torch.no_grad():
             slots = self.cache.begin(x.shape[1], attention_mask, rows)
-            out: torch.Tensor = self.part(x, self.cache, slots=slots)
+            out: torch.Tensor = self.part(x, self.cache, slots=slots, logits_to_keep=logits_to_keep)
             self.cache.commit(slots)
             return out
 
@@ -286,6 +290,11 @@ class Output(IntEnum):
     LAST = 1  # the last position's logits
     ARGMAX = 2  # token ids
     NONE = 3  # nothing: a prefill chunk before the last, when only the last position is wanted
+
+
+def logits_to_compute(mode: int) -> int:
+    """What the part holding end needs to compute for output mode `mode` (HF's logits_to_keep)."""
+    return 1 if mode in (Output.LAST, Output.NONE) else 0
 
 
 def select_output(y: torch.Tensor, mode: int) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from llm_model_parts.pipeline.handshake import handshake
-from llm_model_parts.pipeline.stage import Stage, StageCaches, check_input, select_output
+from llm_model_parts.pipeline.stage import Stage, StageCaches, check_input, logits_to_compute, select_output
 from llm_model_parts.pipeline.transport import (
     TAG_DOWN,
     TAG_RETURN,
@@ -105,7 +105,7 @@ def _serve(
             check_input(info, x, inbox.peer)
             mask = tensors[1].to(device).long() if len(tensors) > 1 else None
             rows = slice(header.item, header.item + x.shape[0])
-            y = caches.in_rows("a rows call")(x, mask, rows)
+            y = caches.in_rows("a rows call")(x, mask, rows, logits_to_compute(header.arg))
             if last:
                 outbox.send(Header(Command.RESULT, header.item, header.arg), select_output(y, header.arg))
             else:
