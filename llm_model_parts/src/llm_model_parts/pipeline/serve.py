@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-prefill-chunk", type=int, default=128, help="prompt tokens per row per engine step"
     )
     http.add_argument(
+        "--admit-wait",
+        type=float,
+        default=0.01,
+        metavar="SECONDS",
+        help="how long an idle server waits for requests arriving together, to prefill them as one group",
+    )
+    http.add_argument(
         "--offload",
         default=None,
         metavar="BUDGET",
@@ -183,6 +190,7 @@ def _serve_http(forward_func: Any, args: argparse.Namespace, *, max_seq_len: int
         max_rows=args.max_rows,
         max_queue=args.max_queue,
         prefill_chunk=args.server_prefill_chunk,
+        admit_wait=args.admit_wait,
         max_seq_len=max_seq_len,
         max_body_bytes=args.max_body_bytes,
         limits=Limits(max_tokens=args.max_tokens_limit, max_n=args.max_rows),

@@ -237,6 +237,7 @@ class Engine:
         if any(offsets):
             mask = torch.tensor([[0] * o + [1] * (width - o) for o in offsets])
         self.group = _Group(first, new, ids, mask, offsets)
+        logger.debug("prefill group: %d rows joining %d running, width %d", len(new), first, width)
 
     def _gather_arrivals(self) -> None:
         """An idle engine waits up to `admit_wait` s for requests that arrive together (a wave of clients),
