@@ -11,6 +11,7 @@ One idea per module, each using the others' public names only:
 - `stage`: what a rank holds (`StageInfo`, `Stage`), its per-micro-batch caches, what the last rank returns.
 - `handshake`: start-up, where every rank learns and checks what the others hold.
 - `driver`: rank 0's `PipelineDriver`.
+- `rows`: rank 0's record of the rows in use (the rows protocol of continuous batching).
 - `worker`: every other rank's loop, `run_worker`.
 - `launch`: `start_pipeline` (join the process group, plan, load, drive or serve).
 - `plan`: `plan_split`, layers across nodes in proportion to their memory.
