@@ -45,7 +45,9 @@ TOPICS: dict[str, tuple[str, str]] = {
     "sampler": (
         "llm_sampler: one sampling step",
         "Repetition penalty 1.1, temperature 0.8, top-k 50, top-p 0.9; batch 32; vocabulary 151,936; against "
-        "transformers' `LogitsProcessorList` + `multinomial`, same distribution. Target >= 5x.",
+        "transformers' `LogitsProcessorList` + `multinomial`; llama.cpp's chain (DRY, top-nσ, min-p, XTC, "
+        "temperature) against the same chain as vectorised `LogitsProcessor`s; same distribution. Targets >= 5x. "
+        "Then a constraint's cost per SmolLM2-135M CPU decode step (target <= +20%).",
     ),
     "scoring": (
         "llm_sampler: closed-form scoring",
