@@ -7,8 +7,9 @@ in its own process, then measures:
    every request's TTFT (target: <= 2x the one-client TTFT plus one prefill, the one-client TTFT itself);
 3. a load loop: 200 requests, 16 at a time, a quarter malformed, some streaming clients that disconnect
    mid-stream: every valid answer must equal the greedy answer of a request alone, every invalid one must be
-   a 4xx, the server must stay up, and its RSS must come back to its idle level.
-Prints a table; saves tools/bench/results/server.json.
+   a 4xx, the server must stay up, and its RSS (all ranks' summed) must come back to its idle level.
+`--pipeline N`: the same against a pipeline of N processes on this host (torchrun's environment, the layers
+split evenly, rank 0 serving). Prints a table; saves tools/bench/results/server.json (server_pipeline.json).
 """
 
 from __future__ import annotations
@@ -169,13 +170,86 @@ def _load(
     return counts
 
 
+def _prefill_cost(model: str, threads: int) -> dict[str, float]:
+    """In this process, before the server starts: ms to prefill one chat prompt of PROMPTS, and the 8 of
+    them as one left-padded group (last position's logits), the least work a simultaneous wave needs."""
+    import torch
+
+    from llm_model_parts import load_part
+    from llm_model_parts.forward_func import IncrementalForward
+    from llm_sampler.tokenizer import load_tokenizer
+
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(model)
+    prompts = [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True))
+        for p in PROMPTS
+    ]
+    f = IncrementalForward([load_part(model, "f")], max_seq_len=512, max_rows=8)
+
+    def prefill(group: list[list[int]]) -> float:
+        f.reset()
+        for _ in group:
+            f.add_row()
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        t0 = time.perf_counter()
+        f(ids, attention_mask=mask, rows=slice(0, len(group)), logits_to_keep=1)
+        return time.perf_counter() - t0
+
+    prefill(prompts)  # warm-up
+    one = statistics.median(prefill(prompts[i % 8 : i % 8 + 1]) for i in range(5))
+    wave = statistics.median(prefill(prompts) for _ in range(3))
+    return {"prefill_1_ms": one * 1e3, "prefill_8_ms": wave * 1e3, "prefill_8_over_1": wave / one}
+
+
+def _start(args: argparse.Namespace, port: int, log: Any) -> list[subprocess.Popen[bytes]]:
+    """The server: one process, or `args.pipeline` ranks with the layers split evenly (rank 0 serves)."""
+    argv = [
+        sys.executable, "-m", "llm_model_parts.serve", "--model", args.model, "--http", f"127.0.0.1:{port}",
+        "--max-seq-len", "512", "--max-rows", "8", "--max-queue", "64",
+    ]  # fmt: skip
+    n = args.pipeline
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if n == 1:
+        return [subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
+    layers = json.loads((Path(args.model) / "config.json").read_text())["num_hidden_layers"]
+    cuts = [round(layers * i / n) for i in range(n + 1)]
+    plan = ",".join(f"{cuts[i]}-{cuts[i + 1]}" for i in range(n))
+    plan = "b " + plan + " e"
+    argv += ["--plan", plan, "--timeout", "120", "--micro-batches", "2"]
+    master = _free_port()
+    procs = []
+    for rank in range(n):
+        rank_env = dict(
+            env, RANK=str(rank), WORLD_SIZE=str(n), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(master), GLOO_SOCKET_IFNAME="lo",
+        )  # fmt: skip
+        procs.append(
+            subprocess.Popen(argv, env=rank_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+    return procs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     ap.add_argument("--model", default=None, help="default: the SmolLM2 fixture")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the server process")
-    ap.add_argument("--out", type=Path, default=ROOT / "tools/bench/results/server.json")
+    ap.add_argument(
+        "--pipeline",
+        type=int,
+        default=1,
+        help="N > 1: a pipeline of N processes (torchrun's env), rank 0 serves",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="default: tools/bench/results/server[_pipeline].json"
+    )
     args = ap.parse_args()
+    if args.out is None:
+        name = "server.json" if args.pipeline == 1 else "server_pipeline.json"
+        args.out = ROOT / "tools/bench/results" / name
     if args.model is None:
         import fixtures
 
@@ -184,15 +258,11 @@ def main() -> int:
     max_tokens = 16 if args.quick else 32
     load_total = 64 if args.quick else 200
 
+    prefill = _prefill_cost(args.model, args.threads)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [
-        sys.executable, "-m", "llm_model_parts.serve", "--model", args.model, "--http", f"127.0.0.1:{port}",
-        "--max-seq-len", "512", "--max-rows", "8", "--max-queue", "64",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    log = open(ROOT / "tools/bench/results/server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(args.out.with_suffix(".log"), "w")  # noqa: SIM115
+    procs = _start(args, port, log)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -201,8 +271,8 @@ def main() -> int:
                     break
             except httpx.HTTPError:
                 pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start; see tools/bench/results/server.log")
+            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start; see {log.name}")
             time.sleep(0.5)
         _stream(url, PROMPTS[0], 4)  # warm-up
         single = _clients(url, 1, per_client * 2, max_tokens)
@@ -212,20 +282,23 @@ def main() -> int:
         )
         expected = {p: _stream(url, p, 8)["text"] for p in PROMPTS}  # alone, greedy, 8 tokens
         time.sleep(1)
-        idle = _rss(proc.pid)
+        idle = sum(_rss(p.pid) for p in procs)
         load = _load(url, load_total, 16, expected, 8)
         up = httpx.get(url + "/health", timeout=10).status_code == 200
         time.sleep(2)
-        after = _rss(proc.pid)
+        after = sum(_rss(p.pid) for p in procs)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        for p in procs:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=30)
         log.close()
     ratio = many["tokens_per_s"] / single["tokens_per_s"]
     ttft_limit = 3 * single["ttft_mean_s"]  # 2x the one-client TTFT plus one prefill (the one-client TTFT)
     result = {
         "quick": args.quick,
         "model": Path(args.model).name,
+        "pipeline": args.pipeline,
         "threads": args.threads,
         "max_tokens": max_tokens,
         "single": single,
@@ -236,6 +309,9 @@ def main() -> int:
         "ttft_limit_s": ttft_limit,
         "ttft_max_over_limit": many["ttft_max_s"] / ttft_limit,
         "ttft_max_over_limit_staggered": staggered["ttft_max_s"] / ttft_limit,
+        **prefill,
+        # the least a simultaneous wave's last first token can take: the 8 prompts' prefill in one group
+        "wave_prefill_over_limit": prefill["prefill_8_ms"] / 1e3 / ttft_limit,
         "load": load,
         "server_up_after_load": up,
         "rss_idle_bytes": idle,
@@ -255,6 +331,11 @@ def main() -> int:
         ),
         ("8 clients first-wave TTFT max", f"{many['ttft_first_wave_max_s'] * 1000:.0f} ms"),
         ("TTFT max / (2x single + prefill)", f"{result['ttft_max_over_limit']:.2f}"),
+        (
+            "in-process prefill: 1 prompt / 8 as one group",
+            f"{prefill['prefill_1_ms']:.0f} / {prefill['prefill_8_ms']:.0f} ms "
+            f"({prefill['prefill_8_over_1']:.1f}x; the 8 alone: {result['wave_prefill_over_limit']:.2f} of the limit)",
+        ),
         ("staggered: tokens/s ratio", f"{result['throughput_ratio_staggered']:.2f}x"),
         (
             "staggered: TTFT mean / max",
