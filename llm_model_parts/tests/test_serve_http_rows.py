@@ -80,3 +80,35 @@ def test_rows_protocol_errors() -> None:
         f(torch.tensor([[1], [2]]), rows=slice(0, 1))
     with pytest.raises(ValueError, match="max_rows"):
         IncrementalForward([load_part(fixtures.tiny_checkpoint("llama"), "f")], max_rows=0)
+
+
+def test_copy_prefix_then_ragged_rest_matches_hf() -> None:
+    """A prefix prefilled once in row 0 and copied into rows 1 and 2; their different rests follow,
+    left-padded after the prefix (the mask covers both): every row's logits are transformers' alone."""
+    path = fixtures.tiny_checkpoint("llama")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    f = IncrementalForward([load_part(path, "f")], max_rows=4)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(3, 200, (12,), generator=g).tolist()
+    rests = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 2, 4)]
+    for _ in rests:
+        f.add_row()
+    f(torch.tensor([prefix[:7]]), rows=slice(0, 1))
+    f(torch.tensor([prefix[7:]]), rows=slice(0, 1))
+    f.copy_prefix(0, 1, len(prefix))
+    f.copy_prefix(0, 2, len(prefix))
+    width = max(len(r) for r in rests)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rests])
+    mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(r)) + [1] * len(r) for r in rests])
+    out = f(ids, attention_mask=mask, rows=slice(0, 3), logits_to_keep=1)
+    for r, rest in enumerate(rests):
+        torch.testing.assert_close(out[r, -1], _hf_last(hf, prefix + rest), atol=TOL, rtol=0)
+    nxt = torch.tensor([[5], [6], [7]])
+    out = f(nxt, rows=slice(0, 3))
+    for r, rest in enumerate(rests):
+        torch.testing.assert_close(out[r, -1], _hf_last(hf, prefix + rest + [5 + r]), atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="copy_prefix"):
+        f.copy_prefix(0, 1, 3)  # row 1 is not empty
+    f.add_row()
+    with pytest.raises(ValueError, match="copy_prefix"):
+        f.copy_prefix(0, 3, 100)  # longer than row 0

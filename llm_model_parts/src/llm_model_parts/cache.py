@@ -196,6 +196,20 @@ class KVCache:
         self.valid[last] = False
         return last if row != last else None
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Empty row `dst` starts with row `src`'s first `n` slots: a prompt prefix several rows share is
+        computed once (a server prefilling requests with one system prompt)."""
+        ok = 0 <= src < self.rows and 0 <= dst < self.rows and src != dst
+        if not ok or not 0 <= n <= self.lengths[src] or self.lengths[dst] != 0:
+            raise ValueError(
+                f"copy_prefix({src}, {dst}, {n}): needs two rows in use (0..{self.rows - 1}), the first "
+                f"holding at least {n} slots, the second empty"
+            )
+        for t in (*self.keys.values(), *self.values.values()):
+            t[dst, :, :n] = t[src, :, :n]
+        self.valid[dst, :n] = self.valid[src, :n]
+        self.lengths[dst] = n
+
     def reorder(self, rows: torch.Tensor | Sequence[int]) -> None:
         """Row i becomes a copy of old row rows[i] (beam search follows its beams); len(rows) rows in use."""
         index = torch.as_tensor(rows, dtype=torch.long)

@@ -107,6 +107,12 @@ class IncrementalForward:
             self.cache, self._fixed = None, False  # idle: a long row's growth is given back
         return moved
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Empty row `dst` starts with row `src`'s first `n` tokens (a shared prompt prefix, computed once)."""
+        if self.cache is None or not self._fixed:
+            raise ValueError(f"copy_prefix({src}, {dst}, {n}): no rows are in use")
+        self.cache.copy_prefix(src, dst, n)
+
     def _ensure_rows_room(self, rows: slice, batch_size: int, new_tokens: int) -> KVCache:
         cache = self.cache
         if cache is None or not self._fixed:

@@ -30,6 +30,9 @@ from llm_sampler.batch import RowError, RowToken, SamplingRow, sample_rows
 from llm_sampler.forward import is_incremental
 
 logger = logging.getLogger("llm_sampler.server")
+# A joining group's shared prefix is computed once when that saves at least this many row-tokens: below it,
+# the extra one-row call costs more than it saves
+MIN_SHARED_TOKENS = 64
 
 
 class QueueFull(RuntimeError):
@@ -92,14 +95,20 @@ class _Slot:
 
 @dataclass
 class _Group:
-    """Rows [first, first + len(slots)) joining together: their prompts left-padded to `ids` (R, W)."""
+    """Rows [first, first + len(slots)) joining together: their prompts left-padded to `ids` (R, W).
+
+    With a `prefix` (1, n) that every prompt starts with, that prefix is prefilled in row `first` alone and
+    copied into the other rows; `ids` then holds what follows it, and `mask` covers both."""
 
     first: int
     slots: list[_Slot]
     ids: torch.Tensor
     mask: torch.Tensor | None
-    offsets: list[int]  # where each row's prompt starts in its padded row
+    offsets: list[int]  # where each row's prompt (or its part after the prefix) starts in its padded row
     pos: int = 0
+    prefix: torch.Tensor | None = None
+    prefix_pos: int = 0
+    shared: int = 0  # the prefix's length
 
 
 class Engine:
@@ -123,6 +132,7 @@ class Engine:
         self.max_seq_len = max_seq_len or getattr(self.f, "max_seq_len", None)
         self.can_rewind_row = _takes_row(self.f)
         self.keeps_logits = _takes(self.f, "logits_to_keep")
+        self.can_copy_prefix = callable(getattr(self.f, "copy_prefix", None))
         self.queue: deque[Job] = deque()
         self.slots: list[_Slot] = []
         self.group: _Group | None = None
@@ -230,14 +240,35 @@ class Engine:
             r = self.f.add_row()
             first = r if i == 0 else first
         self.slots.extend(new)
-        width = max(len(s.job.prompt) for s in new)
-        offsets = [width - len(s.job.prompt) for s in new]
-        ids = torch.tensor([[0] * o + s.job.prompt for o, s in zip(offsets, new, strict=True)])
+        shared = self._shared_prefix(new)
+        rests = [s.job.prompt[shared:] for s in new]
+        width = max(len(r) for r in rests)
+        offsets = [width - len(r) for r in rests]
+        ids = torch.tensor([[0] * o + r for o, r in zip(offsets, rests, strict=True)])
         mask = None
         if any(offsets):
-            mask = torch.tensor([[0] * o + [1] * (width - o) for o in offsets])
-        self.group = _Group(first, new, ids, mask, offsets)
-        logger.debug("prefill group: %d rows joining %d running, width %d", len(new), first, width)
+            mask = torch.tensor([[1] * shared + [0] * o + [1] * (width - o) for o in offsets])
+        prefix = torch.tensor([new[0].job.prompt[:shared]]) if shared else None
+        self.group = _Group(first, new, ids, mask, offsets, prefix=prefix, shared=shared)
+        logger.debug(
+            "prefill group: %d rows joining %d running, width %d, shared prefix %d",
+            len(new),
+            first,
+            width,
+            shared,
+        )
+
+    def _shared_prefix(self, new: list[_Slot]) -> int:
+        """How many leading tokens every prompt of a joining group shares (a chat template's system prompt,
+        the n choices of one request), when computing them once saves more than the extra call costs."""
+        if len(new) < 2 or not self.can_copy_prefix or any(s.job.prompt_logprobs is not None for s in new):
+            return 0
+        prompts = [s.job.prompt for s in new]
+        limit = min(len(p) for p in prompts) - 1  # each row keeps a token of its own: its logits start it
+        n = 0
+        while n < limit and all(p[n] == prompts[0][n] for p in prompts):
+            n += 1
+        return n if (len(new) - 1) * n >= MIN_SHARED_TOKENS else 0
 
     def _gather_arrivals(self) -> None:
         """An idle engine waits up to `admit_wait` s for requests that arrive together (a wave of clients),
@@ -252,20 +283,19 @@ class Engine:
     def _prefill_chunk(self) -> None:
         g = self.group
         assert g is not None
+        if g.prefix is not None:
+            self._prefill_prefix(g)
+            return
         width = g.ids.shape[1]
         end = min(width, g.pos + max(1, self.prefill_chunk))
         rows = slice(g.first, g.first + len(g.slots))
-        kwargs: dict[str, Any] = {} if g.mask is None else {"attention_mask": g.mask[:, :end]}
+        kwargs: dict[str, Any] = {} if g.mask is None else {"attention_mask": g.mask[:, : g.shared + end]}
         if self.keeps_logits:  # the head over the last position only, unless a prompt's logprobs are wanted
             kwargs["logits_to_keep"] = 0 if any(s.job.prompt_logprobs is not None for s in g.slots) else 1
         try:
             logits = self.f(g.ids[:, g.pos : end], rows=rows, **kwargs)
         except Exception as e:
-            logger.exception("prefill failed")
-            for s in g.slots:
-                self._fail(s.job, f"prefill failed: {type(e).__name__}: {e}")
-            g.pos = width
-            self.group = None
+            self._prefill_failed(g, e)
             return
         if logits.dim() == 2:
             logits = logits[:, None]
@@ -279,6 +309,30 @@ class Engine:
         for s in g.slots:
             if s.row.finished and not s.done:  # max_tokens=0: nothing to generate
                 self._finish(s, "length")
+
+    def _prefill_prefix(self, g: _Group) -> None:
+        """One chunk of the group's shared prefix in row `first`; at its end, the copies into the others."""
+        assert g.prefix is not None
+        n = g.prefix.shape[1]
+        end = min(n, g.prefix_pos + max(1, self.prefill_chunk))
+        kwargs = {"logits_to_keep": 1} if self.keeps_logits else {}
+        try:
+            self.f(g.prefix[:, g.prefix_pos : end], rows=slice(g.first, g.first + 1), **kwargs)
+            if end == n:
+                for r in range(g.first + 1, g.first + len(g.slots)):
+                    self.f.copy_prefix(g.first, r, n)
+        except Exception as e:
+            self._prefill_failed(g, e)
+            return
+        g.prefix_pos = end
+        if end == n:
+            g.prefix = None
+
+    def _prefill_failed(self, g: _Group, e: Exception) -> None:
+        logger.exception("prefill failed")
+        for s in g.slots:
+            self._fail(s.job, f"prefill failed: {type(e).__name__}: {e}")
+        self.group = None
 
     def _prompt_logprobs(self, g: _Group, logits: torch.Tensor, start: int, end: int) -> None:
         for i, s in enumerate(g.slots):
