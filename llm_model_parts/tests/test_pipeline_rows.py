@@ -144,3 +144,18 @@ def test_server_engine_drives_the_driver_directly(llama: Path) -> None:
     assert as_rows(d) is d
     with pytest.raises(ValueError, match="max_rows"):
         PipelineDriver(None, world=1, max_rows=0)
+
+
+def test_stage_rows_cache_is_freed_when_the_last_row_leaves() -> None:
+    from llm_model_parts.pipeline.stage import PartRows
+
+    rows = PartRows(load_part(fixtures.tiny_checkpoint("llama"), "f"), max_seq_len=1024, max_rows=2)
+    for _ in range(2):
+        rows.add_row()
+    rows(torch.randint(3, 200, (1, 300)), None, slice(1, 2), logits_to_keep=1)
+    assert rows.cache.max_seq_len == 512
+    rows.remove_row(1)
+    assert rows.cache.max_seq_len == 512  # a row is still in use
+    rows.remove_row(0)
+    assert rows.cache.max_seq_len == 256 and rows.cache.rows == 0
+    assert rows.add_row() == 0

@@ -176,12 +176,16 @@ _MIN_ROWS_CAPACITY = 256  # slots per row a rows cache starts with (as Increment
 
 class PartRows:
     """The rows protocol over a Part: one `KVCache` of `max_rows` rows (none in use at first), growing by
-    doubling up to `max_seq_len` as rows get longer. Every rank's PartRows applies the same row moves."""
+    doubling up to `max_seq_len` as rows get longer and freed back to its first size when the last row
+    leaves. Every rank's PartRows applies the same row moves."""
 
     def __init__(self, part: Part, max_seq_len: int, max_rows: int) -> None:
         self.part = part
-        self.max_seq_len = max_seq_len
-        self.cache = part.new_cache(max_rows, min(max_seq_len, _MIN_ROWS_CAPACITY), rows=0)
+        self.max_seq_len, self.max_rows = max_seq_len, max_rows
+        self.cache = self._new_cache()
+
+    def _new_cache(self) -> KVCache:
+        return self.part.new_cache(self.max_rows, min(self.max_seq_len, _MIN_ROWS_CAPACITY), rows=0)
 
     def __call__(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, rows: slice, logits_to_keep: int = 0
@@ -199,7 +203,10 @@ class PartRows:
         return self.cache.add_row()
 
     def remove_row(self, row: int) -> int | None:
-        return self.cache.remove_row(row)
+        moved = self.cache.remove_row(row)
+        if self.cache.rows == 0 and self.cache.max_seq_len > _MIN_ROWS_CAPACITY:
+            self.cache = self._new_cache()  # idle: a long row's growth is given back, as IncrementalForward
+        return moved
 
     def rewind(self, n: int, row: int | None = None) -> None:
         self.cache.rewind(n, row)
