@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.01,
         metavar="SECONDS",
-        help="how long an idle server waits for requests arriving together, to prefill them as one group",
+        help="an idle server admits requests once this long passes with no new one, so that requests "
+        "arriving together prefill as one group",
     )
     http.add_argument(
         "--offload",

@@ -47,8 +47,8 @@ def create_app(
 ) -> Any:
     """The ASGI app. `api_key` (default: the env var LLM_SAMPLER_API_KEY; None or "" = open) is checked on
     every /v1 route (`Authorization: Bearer KEY`, else 401). The engine thread starts with the app's
-    lifespan. `app.state.engine` is the `Engine`. `admit_wait`: seconds an idle engine waits for requests
-    arriving together, so that a wave of clients prefills as one group."""
+    lifespan. `app.state.engine` is the `Engine`. `admit_wait`: an idle engine admits once that many seconds
+    pass with no new request, so that a wave of clients prefills as one group."""
     _require_extra()
     from llm_sampler.server.app import Server, ServerConfig, build_app
 

@@ -271,14 +271,19 @@ class Engine:
         return n if (len(new) - 1) * n >= MIN_SHARED_TOKENS else 0
 
     def _gather_arrivals(self) -> None:
-        """An idle engine waits up to `admit_wait` s for requests that arrive together (a wave of clients),
-        so that they prefill as one group rather than the first alone and the others after it."""
+        """An idle engine gathers requests that arrive together (a wave of clients) into one prefill group,
+        rather than the first alone and the others after it: it admits once `admit_wait` s pass with no new
+        request, or the rows are full (so at most `max_rows` such waits)."""
+        seen = sum(len(j.rows) for j in self.queue)
         deadline = time.monotonic() + self.admit_wait
-        while self.running and sum(len(j.rows) for j in self.queue) < self.max_rows:
+        while self.running and seen < self.max_rows:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             self.cond.wait(left)
+            rows = sum(len(j.rows) for j in self.queue)
+            if rows > seen:  # another arrival: wait for one more quiet gap
+                seen, deadline = rows, time.monotonic() + self.admit_wait
 
     def _prefill_chunk(self) -> None:
         g = self.group
