@@ -132,7 +132,7 @@ class Chain:
             else:
                 scores = proc(input_ids, scores)
                 if idx is None and name in FILTERS and scores.device.type == "cpu":  # counting syncs a GPU
-                    scores, idx = compact(scores, scores > P.NEG_INF)
+                    scores, idx = compact(scores)
         if low is not None:
             scores, idx = _keep(scores, idx, low)
         return scores, idx
@@ -147,16 +147,20 @@ def _keep(
     return compact(scores, keep)
 
 
-def compact(scores: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kept scores of each row and their token ids, (B, k) for the row keeping most, padded with -inf
-    (token id 0), when few are kept: later steps then run on them only, as after top_k. Over the whole
-    vocabulary (ids None) when most are kept. One `nonzero` pass (a bool sum or topk costs 5-10x more)."""
+def compact(
+    scores: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kept scores of each row (`keep`; None: the finite ones) and their token ids, (B, k) for the row
+    keeping most, padded with -inf (token id 0), when few are kept: later steps then run on them only, as
+    after top_k. Over the whole vocabulary (ids None) when most are kept. One `nonzero` pass (a bool sum or
+    topk costs 5-10x more)."""
     b, v = scores.shape
-    rows, cols = keep.nonzero(as_tuple=True)
+    mask = scores > P.NEG_INF if keep is None else keep
+    rows, cols = mask.nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=b)
     k = int(counts.max()) if b else 0
     if k == 0 or 4 * k > v:
-        return scores.masked_fill(~keep, P.NEG_INF), None
+        return (scores if keep is None else scores.masked_fill(~keep, P.NEG_INF)), None
     pos = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
     vals = torch.full((b, k), P.NEG_INF, dtype=scores.dtype)
     ids = torch.zeros((b, k), dtype=torch.long)

@@ -112,4 +112,4 @@ class TokenSelector:
 def _survivors(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The tokens a chain left finite, when they are few (min-p, XTC, top-nσ over a whole vocabulary):
     the Gumbel noise is then drawn for them only. It is keyed by token id, so the choice is the same."""
-    return C.compact(vals, vals > P.NEG_INF)
+    return C.compact(vals)
