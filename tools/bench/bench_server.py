@@ -57,16 +57,17 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _stream(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    """One streamed chat request: TTFT, tokens (usage), the text."""
-    body = {
+def _stream(url: str, prompt: str, max_tokens: int, peer: bool = False) -> dict[str, Any]:
+    """One streamed chat request: TTFT, tokens (usage), the text. `peer`: a body `transformers serve`
+    takes (it rejects `ignore_eos` and `stream_options`, and always sends the usage)."""
+    body: dict[str, Any] = {
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "ignore_eos": True,
         "stream": True,
-        "stream_options": {"include_usage": True},
     }
+    if not peer:
+        body.update(ignore_eos=True, stream_options={"include_usage": True})
     t0 = time.perf_counter()
     ttft = None
     text, tokens = [], 0
@@ -86,7 +87,7 @@ def _stream(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
 
 
 def _clients(
-    url: str, clients: int, per_client: int, max_tokens: int, stagger: float = 0.0
+    url: str, clients: int, per_client: int, max_tokens: int, stagger: float = 0.0, peer: bool = False
 ) -> dict[str, Any]:
     """`clients` closed-loop clients; client c starts `c * stagger` s late and asks for a few more tokens
     than client c - 1 (so that requests arrive while others decode, as continuous batching is for)."""
@@ -96,7 +97,8 @@ def _clients(
         out = []
         for k in range(per_client):
             extra = (c % 4) * 2 if stagger else 0
-            out.append(_stream(url, PROMPTS[(c + k) % len(PROMPTS)], max_tokens + extra))
+            prompt = PROMPTS[(c + k) % len(PROMPTS)]
+            out.append({**_stream(url, prompt, max_tokens + extra, peer), "prompt": prompt})
         return out
 
     t0 = time.perf_counter()
@@ -113,6 +115,7 @@ def _clients(
         "ttft_mean_s": statistics.mean(ttfts),
         "ttft_max_s": max(ttfts),
         "ttft_first_wave_max_s": max(ttfts[i * per_client] for i in range(clients)),
+        "texts": {r["prompt"]: r["text"] for r in runs},
     }
 
 
@@ -232,9 +235,16 @@ def _prefill_cost(model: str, threads: int) -> dict[str, float]:
 def _start(args: argparse.Namespace, port: int, log: Any) -> list[subprocess.Popen[bytes]]:
     """The server: one process, or `args.pipeline` ranks with the layers split evenly (rank 0 serves)."""
     argv = [
-        sys.executable, "-m", "llm_model_parts.serve", "--model", args.model, "--http", f"127.0.0.1:{port}",
-        "--max-seq-len", "512", "--max-rows", "8", "--max-queue", "64",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "llm_model_parts.serve",
+        "--model",
+        args.model,
+        "--http",
+        f"127.0.0.1:{port}",
+    ]
+    if not args.peer:  # against a peer: the documented command, its defaults
+        argv += ["--max-seq-len", "512", "--max-rows", "8", "--max-queue", "64"]
     n = args.pipeline
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     if n == 1:
@@ -257,6 +267,138 @@ def _start(args: argparse.Namespace, port: int, log: Any) -> list[subprocess.Pop
     return procs
 
 
+def _wait_up(url: str, procs: list[subprocess.Popen[bytes]], log_name: str) -> None:
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start; see {log_name}")
+        time.sleep(0.5)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def _ensure_peer() -> None:
+    """`transformers serve` needs its `serving` extra (FastAPI ...): installed here, into the bench's own
+    environment, when missing. Never a dependency of the packages."""
+    try:
+        import fastapi  # noqa: F401
+    except ImportError:
+        import transformers
+
+        spec = f"transformers[serving]=={transformers.__version__}"
+        subprocess.run([sys.executable, "-m", "pip", "install", spec], check=True)
+
+
+def _start_peer(args: argparse.Namespace, port: int, log: Any, cb: bool) -> list[subprocess.Popen[bytes]]:
+    """`transformers serve MODEL` in fp32 on the CPU, with `--continuous-batching` when `cb`."""
+    argv = [
+        sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
+        "serve", args.model, "--dtype", "float32", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    argv += ["--continuous-batching"] if cb else []
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    return [subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)]
+
+
+def _against_peer(args: argparse.Namespace, ours: str, log: Any, cb: bool, work: Any) -> dict[str, Any]:
+    """`work(url, peer)` against our server and the peer alternately, `args.rounds` rounds (the order
+    swapped each round): each round's result from each, their ratios, and whether the texts are equal."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    procs = _start_peer(args, port, log, cb)
+    try:
+        _wait_up(url, procs, log.name)
+        _stream(url, PROMPTS[0], 4, peer=True)  # warm-up
+        rounds = []
+        for r in range(args.rounds):
+            got: dict[str, Any] = {}
+            for side in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
+                got[side] = work(ours if side == "ours" else url, side == "peer")
+            got["tokens_per_s_ratio"] = got["ours"]["tokens_per_s"] / got["peer"]["tokens_per_s"]
+            got["ttft_ratio"] = got["ours"]["ttft_mean_s"] / got["peer"]["ttft_mean_s"]
+            got["same_text"] = got["ours"]["texts"] == got["peer"]["texts"]
+            rounds.append(got)
+            print(
+                f"  round {r}: tokens/s {got['ours']['tokens_per_s']:.1f} vs {got['peer']['tokens_per_s']:.1f} "
+                f"({got['tokens_per_s_ratio']:.2f}x), TTFT {got['ours']['ttft_mean_s'] * 1e3:.0f} vs "
+                f"{got['peer']['ttft_mean_s'] * 1e3:.0f} ms ({got['ttft_ratio']:.2f}x), same text {got['same_text']}",
+                flush=True,
+            )
+        peer_rss = _rss(procs[0].pid)
+    finally:
+        _stop(procs)
+    return {
+        "peer": "transformers serve" + (" --continuous-batching" if cb else ""),
+        "rounds": rounds,
+        "tokens_per_s_ratio_median": statistics.median(r["tokens_per_s_ratio"] for r in rounds),
+        "ttft_ratio_median": statistics.median(r["ttft_ratio"] for r in rounds),
+        "same_text": all(r["same_text"] for r in rounds),
+        "peer_rss_bytes": peer_rss,
+    }
+
+
+def _peer_main(args: argparse.Namespace) -> int:
+    """`--peer transformers`: one client against `transformers serve`, 8 clients against its continuous
+    batching, interleaved rounds of the same streamed greedy chat requests."""
+    import transformers
+
+    _ensure_peer()
+    requests, max_tokens = (2, 16) if args.quick else (6, 32)
+    port = _free_port()
+    ours = f"http://127.0.0.1:{port}"
+    log = open(args.out.with_suffix(".log"), "w")  # noqa: SIM115
+    procs = _start(args, port, log)
+    try:
+        _wait_up(ours, procs, log.name)
+        _stream(ours, PROMPTS[0], 4)  # warm-up
+        print("1 client, against transformers serve:", flush=True)
+        single = _against_peer(
+            args, ours, log, False, lambda url, peer: _clients(url, 1, requests, max_tokens, peer=peer)
+        )
+        print("8 clients, against transformers serve --continuous-batching:", flush=True)
+        eight = _against_peer(
+            args, ours, log, True, lambda url, peer: _clients(url, 8, requests // 2, max_tokens, peer=peer)
+        )
+        ours_rss = _rss(procs[0].pid)
+    finally:
+        _stop(procs)
+        log.close()
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["python", "tools/bench/bench_server.py", *sys.argv[1:]]),
+        "model": Path(args.model).name,
+        "threads": args.threads,
+        "max_tokens": max_tokens,
+        "transformers": transformers.__version__,
+        "single": single,
+        "eight": eight,
+        "ours_rss_bytes": ours_rss,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, r in (
+        ("1 client vs transformers serve", single),
+        ("8 clients vs --continuous-batching", eight),
+    ):
+        print(
+            f"{name}: tokens/s {r['tokens_per_s_ratio_median']:.2f}x, TTFT {r['ttft_ratio_median']:.2f}x "
+            f"(medians of {args.rounds} rounds), same text {r['same_text']}, "
+            f"peer RSS {r['peer_rss_bytes'] / 2**30:.1f} GiB"
+        )
+    print(f"ours RSS {ours_rss / 2**30:.2f} GiB; saved {args.out}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
@@ -271,14 +413,23 @@ def main() -> int:
     ap.add_argument(
         "--out", type=Path, default=None, help="default: tools/bench/results/server[_pipeline].json"
     )
+    ap.add_argument(
+        "--peer",
+        choices=["transformers"],
+        default=None,
+        help="compare with `transformers serve` (1 client) and its --continuous-batching (8 clients)",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="--peer: interleaved rounds")
     args = ap.parse_args()
     if args.out is None:
         name = "server.json" if args.pipeline == 1 else "server_pipeline.json"
-        args.out = ROOT / "tools/bench/results" / name
+        args.out = ROOT / "tools/bench/results" / ("server_peer.json" if args.peer else name)
     if args.model is None:
         import fixtures
 
         args.model = str(fixtures.real_checkpoint("smollm2"))
+    if args.peer:
+        return _peer_main(args)
     per_client = 2 if args.quick else 3
     max_tokens = 16 if args.quick else 32
     load_total = 64 if args.quick else 200
@@ -289,16 +440,7 @@ def main() -> int:
     log = open(args.out.with_suffix(".log"), "w")  # noqa: SIM115
     procs = _start(args, port, log)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start; see {log.name}")
-            time.sleep(0.5)
+        _wait_up(url, procs, log.name)
         _stream(url, PROMPTS[0], 4)  # warm-up
         single = _clients(url, 1, per_client * 2, max_tokens)
         many = _clients(url, 8, per_client, max_tokens)  # all at once: the first wave prefills together
@@ -313,10 +455,7 @@ def main() -> int:
         time.sleep(2)
         after = sum(_rss(p.pid) for p in procs)
     finally:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.wait(timeout=30)
+        _stop(procs)
         log.close()
     ratio = many["tokens_per_s"] / single["tokens_per_s"]
     ttft_limit = 3 * single["ttft_mean_s"]  # 2x the one-client TTFT plus one prefill (the one-client TTFT)
