@@ -44,6 +44,7 @@ class WeightBinding:
     def assign(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if not self.direct:
             self.module.load_state_dict({n: tensors[n] for n in self._shapes}, strict=False, assign=True)
+            self._check_loaded()
             return
         for name, owner, leaf, is_param, _ in self.entries:
             t = tensors[name]
@@ -51,6 +52,16 @@ class WeightBinding:
                 owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
             else:
                 owner._buffers[leaf] = t
+
+    def _check_loaded(self) -> None:
+        # A parameter the state-dict hooks did not fill would run on its `meta` placeholder: some CPU
+        # kernels read no data from it and return garbage instead of raising.
+        for name, owner, leaf, is_param, placeholder in self.entries:
+            if (owner._parameters if is_param else owner._buffers)[leaf] is placeholder:
+                raise RuntimeError(
+                    f"{type(self.module).__name__}: its weight {name!r} was not loaded from the names "
+                    f"its state_dict() gives ({', '.join(self._shapes)})"
+                )
 
     def clear(self) -> None:
         for _, owner, leaf, is_param, placeholder in self.entries:
@@ -62,16 +73,16 @@ class WeightBinding:
 
 def managed_names(module: nn.Module, source_keys: Iterable[str] | None) -> list[str]:
     """The state-dict names of the module's parameters, plus the persistent buffers the source also holds
-    (a KV cache kept as a buffer stays)."""
+    (a KV cache kept as a buffer stays).
+
+    Every tensor in the state dict that is not a buffer stands for parameters, under the names the module's
+    state-dict hooks give them (llm_model_parts shows a fused q/k/v as HF's `q_proj`, `k_proj`, `v_proj`).
+    Telling them apart by identity or by `._base` would miss views that autograd does not track (weights
+    loaded under `torch.inference_mode`)."""
     state = module.state_dict(keep_vars=True)
-    params = {id(p) for p in module.parameters()}
-    names = [n for n, t in state.items() if id(t) in params or _is_view_of_parameter(t, module)]
+    buffers = {n for n, _ in module.named_buffers()}
+    names = [n for n, t in state.items() if isinstance(t, torch.Tensor) and n not in buffers]
     if source_keys is not None:
         keys = set(source_keys)
-        names += [n for n, _ in module.named_buffers() if n in keys and n in state and n not in names]
+        names += [n for n in state if n in buffers and n in keys]
     return names
-
-
-def _is_view_of_parameter(t: torch.Tensor, module: nn.Module) -> bool:
-    base = t._base
-    return base is not None and any(base is p for p in module.parameters())

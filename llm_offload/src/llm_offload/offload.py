@@ -120,7 +120,10 @@ class Offload:
             threads = 2 if self.device.type == "cuda" else 1
         self.scheduler: Scheduler | None = None
         if streamed:
-            backend.allocate(max(n_slots, 1), slot_bytes)
+            # Slots made under torch.inference_mode would be inference tensors, which the reader threads
+            # (outside that mode) may not copy into.
+            with torch.inference_mode(False):
+                backend.allocate(max(n_slots, 1), slot_bytes)
             self.scheduler = Scheduler(
                 streamed,
                 self._fetch,
