@@ -100,3 +100,12 @@ def test_as_source() -> None:
     assert as_source(lambda i: {"i": torch.tensor(i)}).load(3)["i"] == 3
     with pytest.raises(TypeError, match="source must be"):
         as_source("weights.safetensors")
+
+
+def test_hf_layers_land_aligned_in_read_buffers(tiny_llama_path: Path) -> None:
+    """An HF shard's data starts 8 bytes past a boundary; read without O_DIRECT, a layer's tensors still land
+    64-byte aligned in the buffer (as allocated tensors do), so their kernels sum in the same order."""
+    plan = SepweightSource(tiny_llama_path).plan(0)
+    assert all(begin % 64 == 0 for _, _, begin, _ in plan.tensors.values())
+    direct = SepweightSource(tiny_llama_path, direct=True).plan(0)
+    assert all(r.offset % 4096 == r.start % 4096 for r in direct.ranges)  # O_DIRECT's placement

@@ -151,8 +151,9 @@ DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length on this 
 
 @dataclass(frozen=True)
 class FileRange:
-    """Bytes [start, stop) of `path`, placed at `offset` of a layer's buffer (`offset % 4096 == start % 4096`,
-    so that an O_DIRECT read of the aligned range around it lands in place)."""
+    """Bytes [start, stop) of `path`, placed at `offset` of a layer's buffer: for O_DIRECT reads
+    `offset % 4096 == start % 4096`, so that a read of the aligned range around it lands in place; otherwise
+    on a 4 KiB boundary, so that the first tensor is as aligned as an allocation (see `LayerRead`)."""
 
     path: Path
     start: int
@@ -162,9 +163,15 @@ class FileRange:
 
 class LayerRead:
     """How one layer is read: the file ranges its tensors cover, where each lands in the buffer, and the
-    tensors as (dtype, shape, begin, end) byte ranges of that buffer."""
+    tensors as (dtype, shape, begin, end) byte ranges of that buffer.
 
-    def __init__(self, pieces: Sequence[tuple[Path, int, int, str, torch.dtype, tuple[int, ...]]]) -> None:
+    Without O_DIRECT a range starts on a 4 KiB boundary of the buffer whatever its place in the file: an HF
+    shard's data often starts 8 bytes past a boundary, and some CPU kernels (MKL's gemv) sum in another
+    order on misaligned weights, so the layer would compute other low bits than the same layer loaded."""
+
+    def __init__(
+        self, pieces: Sequence[tuple[Path, int, int, str, torch.dtype, tuple[int, ...]]], *, direct: bool
+    ) -> None:
         # pieces: (file, absolute start, absolute stop, name, dtype, shape), any order
         by_file: dict[Path, list[tuple[int, int, str, torch.dtype, tuple[int, ...]]]] = {}
         for path, start, stop, name, dtype, shape in pieces:
@@ -180,7 +187,7 @@ class LayerRead:
                 while j < len(items) and items[j][0] == items[j - 1][1]:  # back to back: one read
                     j += 1
                 start, stop = items[i][0], items[j - 1][1]
-                place = _round_up(offset, DIRECT_ALIGN) + start % DIRECT_ALIGN
+                place = _round_up(offset, DIRECT_ALIGN) + (start % DIRECT_ALIGN if direct else 0)
                 self.ranges.append(FileRange(path, start, stop, place))
                 for b, e, name, dtype, shape in items[i:j]:
                     self.tensors[name] = (dtype, shape, place + b - start, place + e - start)
@@ -377,7 +384,7 @@ class SepweightSource:
             pieces = self._hf_pieces(self._layer(index))
         else:
             raise TypeError(f"{self.path}: not safetensors; layers are read through llm_sepweight.Checkpoint")
-        read = self._reads[index] = LayerRead(pieces)
+        read = self._reads[index] = LayerRead(pieces, direct=self.direct)
         return read
 
     def _hf_pieces(self, layer: int) -> list[tuple[Path, int, int, str, torch.dtype, tuple[int, ...]]]:
