@@ -3,12 +3,12 @@
 On the CPU in fp32, `F.linear` (`x @ W.T`, MKL) is not the fastest formulation for the row counts of
 decoding and prefill. Measured with MKL and oneDNN on 2 cores, SmolLM2's shapes, minimum of 7 runs
 (`tools/bench/bench_linear.py`):
-- oneDNN's inner product on the plain weight (`mkldnn._linear_pointwise`, no packing, no copy) is
-  1.2-1.8x faster than `F.linear` at one row for weights at least as wide as they are deep (q/k/v, o,
-  gate/up, the LM head), and from 7 rows on for every weight (the LM head at 256 rows: 99 ms instead of
-  191 ms);
-- `W @ x.T` is fastest at 2-6 rows (up to 3x `F.linear`), and `torch.mv(W, x)` at one row for a
-  weight deeper than wide (down_proj).
+- oneDNN's inner product on the plain weight (`mkldnn._linear_pointwise`, no packing, no copy) is the
+  fastest at one row for every weight: 1.2-2x `F.linear` for q/k/v, gate/up and the LM head, and
+  for down_proj (deeper than wide) 1.3x `torch.mv` (MKL's gemv), which an earlier version used there
+  (150 instead of 200 us; decode 11% faster, docs/benchmarks.md "CPU decode"); from 7 rows on it is
+  the fastest for every weight (the LM head at 256 rows: 99 ms instead of 191 ms);
+- `W @ x.T` is fastest at 2-6 rows (up to 3x `F.linear`) for weights at least as wide as deep.
 Other dtypes, devices and autograd keep `F.linear`. Under torch.compile one row stays `torch.mv`,
 which inductor lowers to a fused vectorised reduction (3x MKL's gemv); more rows keep `F.linear`. The
 storage is never changed for it: the same weights serve every batch size.
@@ -48,7 +48,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias) if rows > 1 else _mv(x, weight, bias)
     deep = weight.shape[1] > weight.shape[0]  # more inputs than outputs (down_proj)
     x2 = x.reshape(rows, width).contiguous()
-    if rows == 1 and (deep or not ONEDNN):
+    if rows == 1 and not ONEDNN:
         y = torch.mv(weight, x2[0]).view(1, -1)
     elif 1 < rows <= FEW_ROWS and not (deep and ONEDNN):
         y = torch.mm(weight, x2.t()).t().contiguous()
