@@ -156,16 +156,30 @@ class Engine:
             self.cond.notify()
 
     def start(self) -> None:
-        if self.thread is None:
+        """Run the model loop on a new thread (nothing when it runs already, on any thread)."""
+        with self.cond:
+            if self.thread is not None or self.running:
+                return
             self.running = True
-            self.thread = threading.Thread(target=self._loop, name="llm_sampler-engine", daemon=True)
-            self.thread.start()
+        self.thread = threading.Thread(target=self._loop, name="llm_sampler-engine", daemon=True)
+        self.thread.start()
+
+    def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Run the model loop on the calling thread until `stop()` (from any thread). `ready()` is called
+        once the loop holds the engine, so that a `stop()` from what it starts is never lost."""
+        with self.cond:
+            if self.thread is not None or self.running:
+                raise RuntimeError("the engine runs already")
+            self.running = True
+        if ready is not None:
+            ready()
+        self._loop()
 
     def stop(self) -> None:
         with self.cond:
             self.running = False
             self.cond.notify()
-        if self.thread is not None:
+        if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=30)
             self.thread = None
 
@@ -180,18 +194,21 @@ class Engine:
     # ---- the model thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while self.running and not self.queue and not self.slots:
-                    self.cond.wait()
-                if not self.running:
-                    break
-            try:
-                self._iterate()
-            except Exception as e:  # never let one request take the server down
-                logger.exception("engine iteration failed; failing the requests it held")
-                self._fail_all(f"internal error: {type(e).__name__}: {e}")
-        self._fail_all("the server is shutting down")
+        try:
+            while True:
+                with self.cond:
+                    while self.running and not self.queue and not self.slots:
+                        self.cond.wait()
+                    if not self.running:
+                        break
+                try:
+                    self._iterate()
+                except Exception as e:  # never let one request take the server down
+                    logger.exception("engine iteration failed; failing the requests it held")
+                    self._fail_all(f"internal error: {type(e).__name__}: {e}")
+        finally:  # also a KeyboardInterrupt on the thread that runs the loop
+            self.running = False
+            self._fail_all("the server is shutting down")
 
     def _iterate(self) -> None:
         self.iterations += 1
