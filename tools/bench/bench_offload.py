@@ -549,7 +549,11 @@ def main() -> None:
     if args.probe:
         run_probe(args.probe, args.tokens, args.budget)
         return
-    results: dict[str, Any] = {"command": " ".join(sys.argv), "quick": args.quick}
+    results: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "quick": args.quick,
+    }
     if args.blocks_only:
         results["blocks"] = block_bench(args.quick)
         print(json.dumps(results["blocks"]))
