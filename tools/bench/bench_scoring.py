@@ -132,7 +132,13 @@ def main() -> None:
     sets = {"short (40 questions)": SHORT, "MMLU-like (16 questions)": MMLU_LIKE}
     if args.quick:
         sets = {"short (quick)": SHORT[:6], "MMLU-like (quick)": MMLU_LIKE[:2]}
-    report: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "sets": {}}
+    report: dict[str, Any] = {
+        "model": "SmolLM2-135M-Instruct",
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d"),
+        "threads": args.threads,
+        "sets": {},
+    }
     if part_error:
         report["part_error"] = part_error
         print(f"ours/part unavailable: {part_error}")
