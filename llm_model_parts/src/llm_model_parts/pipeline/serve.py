@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         metavar="SECONDS",
         help="an idle server admits requests once this long passes with no new one, so that requests "
-        "arriving together prefill as one group",
+        "arriving together prefill as one group (once requests have overlapped; a lone client's are "
+        "admitted at once)",
     )
     http.add_argument(
         "--offload",

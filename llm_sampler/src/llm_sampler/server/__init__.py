@@ -51,7 +51,8 @@ def create_app(
     """The ASGI app. `api_key` (default: the env var LLM_SAMPLER_API_KEY; None or "" = open) is checked on
     every /v1 route (`Authorization: Bearer KEY`, else 401). The engine thread starts with the app's
     lifespan. `app.state.engine` is the `Engine`. `admit_wait`: an idle engine admits once that many seconds
-    pass with no new request, so that a wave of clients prefills as one group."""
+    pass with no new request, so that a wave of clients prefills as one group (only after requests
+    overlapped: one client's requests, back to back, are admitted at once)."""
     _require_extra()
     from llm_sampler.server.app import Server, ServerConfig, build_app
 

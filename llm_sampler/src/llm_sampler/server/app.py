@@ -307,6 +307,8 @@ class _Failed(Exception):
 
 async def _next(stream: _Stream, request: Request) -> Event:
     """The job's next event; cancels the job when the client goes away."""
+    if not stream.queue.empty():  # no task nor timer when the engine is ahead
+        return stream.queue.get_nowait()
     while True:
         try:
             return await asyncio.wait_for(stream.queue.get(), timeout=0.25)
@@ -366,6 +368,11 @@ class _Run:
         """(choice index, event) until every choice of every prompt is done."""
         n = self.p.n
         pending = {i: n for i in range(len(self.streams))}
+        if len(pending) == 1:  # one job (the usual request): awaited directly, no task per event
+            while pending:
+                ev = await _next(self.streams[0], request)
+                yield self._count(pending, 0, ev), ev
+            return
         tasks: dict[asyncio.Task[Event], int] = {}
         try:
             while pending:
@@ -376,16 +383,20 @@ class _Run:
                 for t in done:
                     i = tasks.pop(t)
                     ev = t.result()
-                    if ev.kind == "error":
-                        raise _Failed(ev.message or "the request failed")
-                    if ev.kind == "done":
-                        pending[i] -= 1
-                        if pending[i] == 0:
-                            del pending[i]
-                    yield i * n + ev.choice, ev
+                    yield self._count(pending, i, ev), ev
         finally:
             for t in tasks:
                 t.cancel()
+
+    def _count(self, pending: dict[int, int], i: int, ev: Event) -> int:
+        """Job i's event: raises on an error, counts its done choices; -> the choice's index."""
+        if ev.kind == "error":
+            raise _Failed(ev.message or "the request failed")
+        if ev.kind == "done":
+            pending[i] -= 1
+            if pending[i] == 0:
+                del pending[i]
+        return i * self.p.n + ev.choice
 
     def _apply(self, index: int, ev: Event) -> str | None:
         """Record an event; -> the new text of a token event."""

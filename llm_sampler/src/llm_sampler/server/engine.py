@@ -140,6 +140,9 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.running = False
         self.iterations = 0
+        # whether requests overlapped since the engine was last idle: only then does an idle engine wait
+        # admit_wait for companions (one client's requests, back to back, are admitted at once)
+        self.overlapped = True
 
     # ---- the public side (any thread) --------------------------------------------------------------
 
@@ -234,8 +237,10 @@ class Engine:
     def _admit(self) -> None:
         jobs: list[Job] = []
         with self.cond:
-            if not self.slots and self.admit_wait > 0:
-                self._gather_arrivals()
+            if not self.slots and self.queue:  # idle: gather a wave only if the last busy time had one
+                if self.admit_wait > 0 and self.overlapped:
+                    self._gather_arrivals()
+                self.overlapped = False
             while (
                 self.queue
                 and len(self.slots) + sum(len(j.rows) for j in jobs) + len(self.queue[0].rows)
@@ -246,6 +251,8 @@ class Engine:
                     self._log(job, "cancelled")
                     continue
                 jobs.append(job)
+            if self.slots or self.queue or len(jobs) > 1:
+                self.overlapped = True
         if not jobs:
             return
         new: list[_Slot] = []
@@ -290,7 +297,8 @@ class Engine:
     def _gather_arrivals(self) -> None:
         """An idle engine gathers requests that arrive together (a wave of clients) into one prefill group,
         rather than the first alone and the others after it: it admits once `admit_wait` s pass with no new
-        request, or the rows are full (so at most `max_rows` such waits)."""
+        request, or the rows are full (so at most `max_rows` such waits). It waits only when requests
+        overlapped in its last busy time: a lone client's requests do not pay `admit_wait` each."""
         seen = sum(len(j.rows) for j in self.queue)
         deadline = time.monotonic() + self.admit_wait
         while self.running and seen < self.max_rows:
