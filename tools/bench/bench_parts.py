@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -304,6 +305,94 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def profile_decode(model: str, steps: int = 48) -> dict:
+    """Per-operator time of one greedy decode step (batch 1), ours and transformers' (its forward with a
+    DynamicCache, the loop `generate` runs), torch.profiler, ms per token by the weight each matmul reads."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    path = fixtures.real_checkpoint(model)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    part = load_part(path, "f")
+    ff = part.as_forward_func()
+    config = part.config
+    ids = torch.randint(3, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    # weight (out, in) as each kernel sees it -> what it is; transformers' mm gets W.T
+    kinds = {(q + 2 * kv, hidden): "q/k/v_proj", (kv, hidden): "q/k/v_proj", (q, hidden): "q_proj",
+             (hidden, q): "o_proj", (2 * inter, hidden): "gate/up_proj", (inter, hidden): "gate/up_proj",
+             (hidden, inter): "down_proj", (vocab, hidden): "lm_head"}  # fmt: skip
+
+    def kind(name: str, shapes: list) -> str | None:
+        if "scaled_dot_product" in name:
+            return "attention (SDPA)"
+        if name in ("mkldnn::_linear_pointwise", "aten::addmv_", "aten::mv"):
+            return kinds.get(tuple(shapes[1]))
+        if name == "aten::mm":
+            return kinds.get(tuple(reversed(shapes[1])))
+        return None
+
+    def ours_step() -> Callable[[], None]:
+        ff.reset()
+        nxt = ff(ids)[:, -1:].argmax(-1)
+
+        def step() -> None:
+            nonlocal nxt
+            nxt = ff(nxt)[:, -1:].argmax(-1)
+
+        return step
+
+    def hf_step() -> Callable[[], None]:
+        cache = DynamicCache(config=hf.config)
+        nxt = hf(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+        pos = ids.shape[1]
+
+        def step() -> None:
+            nonlocal nxt, pos
+            out = hf(nxt, past_key_values=cache, position_ids=torch.tensor([[pos]]))
+            nxt, pos = out.logits[:, -1:].argmax(-1), pos + 1
+
+        return step
+
+    table: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for who, make in (("ours", ours_step), ("transformers", hf_step)):
+            step = make()
+            for _ in range(4):
+                step()
+            step = make()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            unprofiled = (time.perf_counter() - t0) / steps * 1e3
+            step = make()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                for _ in range(steps):
+                    step()
+            events = prof.key_averages(group_by_input_shape=True)
+            total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+            ms: dict[str, float] = {}
+            for e in events:
+                k = kind(e.key, e.input_shapes)
+                if k is not None:
+                    ms[k] = ms.get(k, 0.0) + e.self_cpu_time_total / steps / 1e3
+            if who == "transformers" and q == hidden:  # its q_proj and o_proj have one shape: half each
+                ms["o_proj"] /= 2
+                ms["q/k/v_proj"] += ms["o_proj"]
+            ms["q/k/v_proj"] = ms.get("q/k/v_proj", 0.0) + ms.pop("q_proj", 0.0)
+            ms["everything else (norms, RoPE, cache, sampling, Python)"] = total - sum(ms.values())
+            ms["profiled step"] = total
+            ms["unprofiled step"] = unprofiled
+            for k, t in ms.items():
+                table.setdefault(k, {})[who] = t
+    print(f"\n{model}: decode step, ms per token (torch.profiler self CPU time, {steps} steps)")
+    print(f"{'operator':56s} {'ours':>8s} {'transformers':>13s}")
+    for k, row in table.items():
+        print(f"{k:56s} {row.get('ours', 0.0):8.2f} {row.get('transformers', 0.0):13.2f}")
+    return table
+
+
 def print_table(results: dict[str, dict]) -> None:
     names = list(results)
     print()
@@ -380,14 +469,21 @@ def main() -> None:
     parser.add_argument("--rows", default="2,4,8,16", help="batch sizes of the batched decode")
     parser.add_argument("--batch-tokens", type=int, default=32, help="new tokens per row, batched decode")
     parser.add_argument("--compile", default="smollm2", help="models whose decode step is also compiled")
+    parser.add_argument(
+        "--profile", action="store_true", help="only the per-operator decode profile (parts_profile.json)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers
 
-    results = {model: bench_model(model, args) for model in args.models.split(",")}
-    print_table(results)
-    out = ROOT / "tools" / "bench" / "results" / "parts.json"
+    if args.profile:
+        results = {model: profile_decode(model) for model in args.models.split(",")}
+        out = ROOT / "tools" / "bench" / "results" / "parts_profile.json"
+    else:
+        results = {model: bench_model(model, args) for model in args.models.split(",")}
+        print_table(results)
+        out = ROOT / "tools" / "bench" / "results" / "parts.json"
     saved = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(["python", "tools/bench/bench_parts.py", *sys.argv[1:]]),
