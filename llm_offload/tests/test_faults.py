@@ -200,3 +200,30 @@ def test_offload_twice(tiny_llama: Any, reference_llama: Any, want: list[torch.T
     off = offload(layers, lambda i: state[i], "cpu")  # after remove(): fine again
     assert_same(prefill_and_decode(tiny_llama, IDS, steps=1), want)
     off.remove()
+
+
+class Renamed(torch.nn.Module):
+    """A module whose state dict shows its weight under a name that loading it back does not map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(4))
+        self._register_state_dict_hook(self._rename)
+
+    @staticmethod
+    def _rename(module: Any, state: dict[str, Any], prefix: str, meta: Any) -> None:
+        state[prefix + "shown"] = state.pop(prefix + "w")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.w
+
+
+def test_a_weight_left_unloaded_raises_instead_of_computing_on_meta() -> None:
+    m = Renamed()
+    off = offload([m], [{"shown": torch.full((4,), 2.0)}], "cpu", resident=())
+    with pytest.raises(OffloadError, match="'w' was not loaded") as info:
+        m(torch.ones(4))
+    assert info.value.layer == 0
+    off.remove()
+    with pytest.raises(OffloadError, match="'w' was not loaded"):
+        offload([Renamed()], [{"shown": torch.full((4,), 2.0)}], "cpu", resident=[0])

@@ -189,11 +189,11 @@ class Offload:
     def _load_resident(self, i: int) -> None:
         try:
             host = self._checked(i, self.source.load(i))
+            tensors = {k: v.to(self.device) for k, v in host.items()}
+            self._bindings[i].assign(tensors)
         except Exception as e:
             raise OffloadError(f"{self._describe(i)} (resident): {type(e).__name__}: {e}", i) from e
-        tensors = {k: v.to(self.device) for k, v in host.items()}
         self._resident_tensors[i] = tensors
-        self._bindings[i].assign(tensors)
 
     # -- reader threads -------------------------------------------------------------------------------------
 
@@ -271,8 +271,10 @@ class Offload:
             self.backend.acquire(slot)
             start = self.backend.mark()
             self._bindings[i].assign(tensors)
-        except BaseException:
+        except BaseException as e:
             self.scheduler.release(i)
+            if isinstance(e, Exception):
+                raise OffloadError(f"{self._describe(i)}: {type(e).__name__}: {e}", i) from e
             raise
         self.stats_recorder.add(i, "stall_s", waited)
         self._stack().append((i, slot, before, start))
