@@ -4,10 +4,10 @@ On the CPU in fp32, `F.linear` (`x @ W.T`, MKL) is not the fastest formulation f
 decoding and prefill. Measured with MKL and oneDNN on 2 cores, SmolLM2's shapes, minimum of 7 runs
 (`tools/bench/bench_linear.py`):
 - oneDNN's inner product on the plain weight (`mkldnn._linear_pointwise`, no packing, no copy) is the
-  fastest at one row for every weight: 1.2-2x `F.linear` for q/k/v, gate/up and the LM head, and
-  for down_proj (deeper than wide) 1.3x `torch.mv` (MKL's gemv), which an earlier version used there
-  (150 instead of 200 us; decode 11% faster, docs/benchmarks.md "CPU decode"); from 7 rows on it is
-  the fastest for every weight (the LM head at 256 rows: 99 ms instead of 191 ms);
+  fastest at one row for every weight: 1.8-2x `F.linear` for q/k/v, gate/up and the LM head, and
+  1.4x `torch.mv` (MKL's gemv, which an earlier version used) for down_proj, deeper than wide (149
+  against 209 us; docs/benchmarks.md, "CPU decode"); from 7 rows on it is the fastest for every weight
+  (the LM head at 256 rows: 99 ms instead of 191 ms);
 - `W @ x.T` is fastest at 2-6 rows (up to 3x `F.linear`) for weights at least as wide as deep.
 Other dtypes, devices and autograd keep `F.linear`. Under torch.compile one row stays `torch.mv`,
 which inductor lowers to a fused vectorised reduction (3x MKL's gemv); more rows keep `F.linear`. The
