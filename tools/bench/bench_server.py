@@ -10,6 +10,10 @@ in its own process, then measures:
    a 4xx, the server must stay up, and its RSS (all ranks' summed) must come back to its idle level.
 `--pipeline N`: the same against a pipeline of N processes on this host (torchrun's environment, the layers
 split evenly, rank 0 serving). Prints a table; saves tools/bench/results/server.json (server_pipeline.json).
+`--peer transformers`: our server (the documented command's defaults) against `transformers serve` (fp32,
+the CPU; its serving extra is pip-installed here when missing), the same streamed greedy chat requests in
+interleaved rounds: one client against it, 8 clients against its `--continuous-batching`; ratios, text
+equality; saves tools/bench/results/server_peer.json.
 """
 
 from __future__ import annotations
