@@ -141,6 +141,53 @@ def test_idle_engine_gathers_a_wave_into_one_prefill_group() -> None:
     assert out[0][0] == _alone(toy, [9, 3], {"temperature": 0}, 3)
 
 
+def test_a_lone_clients_requests_skip_admit_wait() -> None:
+    engine = Engine(toy, max_rows=4, admit_wait=0.01)
+    gathers = [0]
+    gather = engine._gather_arrivals
+
+    def counted() -> None:
+        gathers[0] += 1
+        gather()
+
+    engine._gather_arrivals = counted  # type: ignore[method-assign]
+    engine.start()
+    try:
+        for prompt in ([4, 5, 6], [9, 3], [1, 2]):  # back to back: none overlaps another
+            assert _run(engine, [(prompt, [{"temperature": 0}], 3)])[0][0] == _alone(
+                toy, prompt, {"temperature": 0}, 3
+            )
+        assert gathers[0] == 1  # the first (nothing was known yet), then each admitted at once
+        _run(engine, [([4, 5], [{"temperature": 0}], 3), ([6, 7], [{"temperature": 0}], 3)])
+        _run(engine, [([8], [{"temperature": 0}], 3)])
+        assert gathers[0] == 2  # after requests overlapped, an idle engine gathers again
+    finally:
+        engine.stop()
+
+
+def test_run_holds_the_loop_on_the_calling_thread() -> None:
+    engine = Engine(toy, max_rows=2)
+    seen: list[str] = []
+
+    def ready() -> None:
+        def client() -> None:
+            _run(engine, [([4, 5, 6], [{"temperature": 0}], 3)])
+            seen.append(threading.current_thread().name)
+            engine.stop()
+
+        threading.Thread(target=client, name="client").start()
+
+    engine.run(ready=ready)  # returns once the client stops it
+    assert seen == ["client"]
+    engine.start()  # a stopped engine starts again, on its own thread
+    try:
+        assert _run(engine, [([9, 3], [{"temperature": 0}], 2)])[0][0] == _alone(
+            toy, [9, 3], {"temperature": 0}, 2
+        )
+    finally:
+        engine.stop()
+
+
 def test_queue_full_and_cancel() -> None:
     engine = Engine(toy, max_rows=2, max_queue=1)
     row = SamplingRow(SamplingConfig(temperature=0), [1, 2], 4)

@@ -251,7 +251,7 @@ class Engine:
                     self._log(job, "cancelled")
                     continue
                 jobs.append(job)
-            if self.slots or self.queue or len(jobs) > 1:
+            if self.queue or (jobs and (self.slots or len(jobs) > 1)):  # a request met another
                 self.overlapped = True
         if not jobs:
             return
