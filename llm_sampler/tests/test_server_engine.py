@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -158,7 +159,15 @@ def test_a_lone_clients_requests_skip_admit_wait() -> None:
                 toy, prompt, {"temperature": 0}, 3
             )
         assert gathers[0] == 1  # the first (nothing was known yet), then each admitted at once
-        _run(engine, [([4, 5], [{"temperature": 0}], 3), ([6, 7], [{"temperature": 0}], 3)])
+        engine.stop()
+        two = threading.Thread(
+            target=_run, args=(engine, [([4, 5], [{"temperature": 0}], 3), ([6, 7], [{"temperature": 0}], 3)])
+        )
+        two.start()
+        while engine.queued < 2:  # both wait before the engine starts: they overlap
+            time.sleep(0.001)
+        engine.start()
+        two.join()
         _run(engine, [([8], [{"temperature": 0}], 3)])
         assert gathers[0] == 2  # after requests overlapped, an idle engine gathers again
     finally:
