@@ -79,7 +79,7 @@ def streamed(
         src = make_source(source, part, hf, sw)
         biggest = max(sum(p.nbytes for p in layer.parameters()) for layer in part.layers)
         # "stream": two slots (one prefetched) and no layer kept; "all": the budget holds every layer.
-        limit = 2 * (biggest + 64 << 10) if budget == "stream" else 1 << 40
+        limit = 2 * biggest + (64 << 10) if budget == "stream" else 1 << 40
         resident = () if budget == "stream" else "auto"
         off = Offload(
             part.layers,
@@ -90,6 +90,8 @@ def streamed(
             prefetch_depth=1,
             backend=FakeDeviceBackend() if backend == "fake-cuda" else None,
         )
+    everything = list(range(len(part.layers)))
+    assert off.resident == ([] if budget == "stream" else everything), (budget, off.resident)
     return part, off
 
 
