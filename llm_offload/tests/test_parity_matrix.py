@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,13 @@ from typing import Any
 import pytest
 import torch
 from fake_backend import FakeDeviceBackend
+from tiny_configs import TINY_CONFIGS  # tools/, on the path through conftest
 
 from llm_offload import CpuSource, Offload, SepweightSource
 from llm_sepweight.format import read_manifest
 
 llm_model_parts = pytest.importorskip("llm_model_parts")
 from llm_model_parts import chain, load_part  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from tiny_configs import TINY_CONFIGS  # noqa: E402
 
 TOL = 1e-5
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 7], [9, 8, 7, 6, 5, 4]])
