@@ -93,8 +93,8 @@ def greedy_ours(ff, ids: torch.Tensor, n: int) -> tuple[list[int], float]:
     return torch.cat(tokens, 1)[0].tolist(), time.perf_counter() - t0
 
 
-def greedy_hf(model, ids: torch.Tensor, n: int) -> tuple[list[int], float]:
-    t0 = time.perf_counter()
+def hf_generate(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """n greedy new tokens per row from transformers' `generate` (eos forbidden until n)."""
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -103,7 +103,13 @@ def greedy_hf(model, ids: torch.Tensor, n: int) -> tuple[list[int], float]:
         do_sample=False,
         pad_token_id=0,
     )
-    return out[0, ids.shape[1] :].tolist(), time.perf_counter() - t0
+    return out[:, ids.shape[1] :]
+
+
+def greedy_hf(model, ids: torch.Tensor, n: int) -> tuple[list[int], float]:
+    t0 = time.perf_counter()
+    out = hf_generate(model, ids, n)
+    return out[0].tolist(), time.perf_counter() - t0
 
 
 def saved_and_reloaded(part, path: Path):
@@ -144,14 +150,7 @@ def greedy_batched(ff, hf, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, flo
     ours = generate(ff, ids, n, temperature=0, eos_token_id=eos, min_new_tokens=n).new_tokens
     t_ours = time.perf_counter() - t0
     t0 = time.perf_counter()
-    theirs = hf.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        min_new_tokens=n,
-        do_sample=False,
-        pad_token_id=0,
-    )[:, ids.shape[1] :]
+    theirs = hf_generate(hf, ids, n)
     return ours, t_ours, theirs, time.perf_counter() - t0
 
 
